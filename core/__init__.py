@@ -1,0 +1,1 @@
+"""Switchboard core: the gRPC routing service (config, auth, routing, providers, usage)."""

@@ -1,0 +1,1 @@
+"""Generated from proto/switchboard/v1 by scripts/gen_protos.sh; do not edit."""

@@ -1,0 +1,231 @@
+"""The request pipeline both surfaces share: authenticate → validate → check model access
+→ route → record usage. The gRPC servicers (core/service.py) and the in-process façade
+transport call exactly these methods with the same messages, so REST and gRPC get
+the same answers, errors, limits and usage records.
+
+Every failure leaves as a GatewayError; an unexpected exception is logged with the
+request id and becomes INTERNAL without its stack reaching the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from switchboard.v1 import inference_pb2 as pb
+
+from core.config import Config
+from core.errors import GatewayError, invalid, model_not_found
+from core.keys import KeyRecord, KeyRing, check_model_allowed
+from core.providers.base import HttpPool
+from core.router import Outcome, Router
+from core.usage import MemoryUsageSink, UsageRecord, UsageSink
+
+log = logging.getLogger("switchboard.gateway")
+
+
+@dataclass
+class CallContext:
+    """Who is calling and under what terms, independent of the surface."""
+
+    api_key: str
+    request_id: str
+    surface: str  # "rest" | "grpc"
+    deadline: float | None = None  # event-loop time; None = no caller deadline
+    peer: str = ""
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+def _validate_chat(p: pb.ChatCompletionParams) -> None:
+    if not p.model:
+        raise invalid("you must provide a model parameter", "model")
+    if not p.messages:
+        raise invalid("messages must contain at least one message", "messages")
+    for i, m in enumerate(p.messages):
+        if m.role == pb.ROLE_UNSPECIFIED:
+            raise invalid("each message needs a role", f"messages[{i}].role")
+        if m.role == pb.ROLE_TOOL and not m.HasField("tool_call_id"):
+            raise invalid("a tool message needs tool_call_id", f"messages[{i}].tool_call_id")
+    if p.HasField("n") and not 1 <= p.n <= 128:
+        raise invalid(f"n must be between 1 and 128, got {p.n}", "n")
+    if p.HasField("temperature") and not 0 <= p.temperature <= 2:
+        raise invalid(f"temperature must be between 0 and 2, got {p.temperature:g}", "temperature")
+    if p.HasField("top_p") and not 0 <= p.top_p <= 1:
+        raise invalid(f"top_p must be between 0 and 1, got {p.top_p:g}", "top_p")
+    for name in ("max_tokens", "max_completion_tokens"):
+        if p.HasField(name) and getattr(p, name) < 1:
+            raise invalid(f"{name} must be at least 1", name)
+    if p.HasField("top_logprobs") and not 0 <= p.top_logprobs <= 20:
+        raise invalid("top_logprobs must be between 0 and 20", "top_logprobs")
+    if p.tool_choice.WhichOneof("choice") == "mode" and p.tool_choice.mode not in (
+            "none", "auto", "required"):
+        raise invalid("tool_choice must be none, auto, required or a named function",
+                      "tool_choice")
+
+
+class Gateway:
+    def __init__(self, config: Config, *, usage: UsageSink | None = None,
+                 keyring: KeyRing | None = None, http: HttpPool | None = None) -> None:
+        self.config = config
+        self.http = http or HttpPool()
+        self.keys = keyring or KeyRing(config.keys)
+        self.router = Router(config, self.http)
+        self.usage: UsageSink = usage if usage is not None else MemoryUsageSink()
+        self.created = int(time.time())
+
+    async def close(self) -> None:
+        await self.usage.close()
+        await self.http.close()
+
+    # ----------------------------------------------------------- helpers ----
+
+    async def _admit(self, ctx: CallContext, model: str) -> KeyRecord:
+        key = await self.keys.authenticate(ctx.api_key)
+        if not model:
+            raise invalid("you must provide a model parameter", "model")
+        if not self.router.knows(model):
+            raise model_not_found(model)
+        check_model_allowed(key, model)
+        return key
+
+    def _record(self, ctx: CallContext, key: KeyRecord | None, model: str, started: float,
+                outcome: Outcome, usage: pb.Usage | None, status: grpc.StatusCode,
+                stream: bool) -> None:
+        loop_now = asyncio.get_running_loop().time()
+        rec = UsageRecord(
+            request_id=ctx.request_id, key_name=key.name if key else "", model=model,
+            surface=ctx.surface, channel=outcome.channel, status=status.name,
+            latency_ms=(loop_now - started) * 1000.0, stream=stream,
+            ttft_ms=(outcome.first_token_at - started) * 1000.0
+            if outcome.first_token_at is not None else None,
+        )
+        if usage is not None:
+            rec.prompt_tokens = usage.prompt_tokens
+            rec.completion_tokens = usage.completion_tokens
+            rec.cached_tokens = usage.prompt_tokens_details.cached_tokens
+            rec.reasoning_tokens = usage.completion_tokens_details.reasoning_tokens
+        self.usage.record(rec)
+
+    def _internal(self, ctx: CallContext, exc: BaseException) -> GatewayError:
+        log.error("internal error in request %s", ctx.request_id, exc_info=exc)
+        return GatewayError(grpc.StatusCode.INTERNAL,
+                            f"The gateway hit an internal error (request id {ctx.request_id}).")
+
+    # ------------------------------------------------------------- calls ----
+
+    async def chat(self, req: pb.CreateChatCompletionRequest,
+                   ctx: CallContext) -> pb.CreateChatCompletionResponse:
+        started = asyncio.get_running_loop().time()
+        params = req.params
+        key: KeyRecord | None = None
+        outcome = Outcome()
+        try:
+            key = await self._admit(ctx, params.model)
+            _validate_chat(params)
+            resp = await self.router.chat(params, ctx.deadline, outcome)
+        except GatewayError as err:
+            if key is not None:
+                self._record(ctx, key, params.model, started, outcome, None, err.status, False)
+            raise
+        except asyncio.CancelledError:
+            if key is not None:
+                self._record(ctx, key, params.model, started, outcome, None,
+                             grpc.StatusCode.CANCELLED, False)
+            raise
+        except Exception as exc:
+            raise self._internal(ctx, exc) from None
+        outcome.first_token_at = asyncio.get_running_loop().time()
+        self._record(ctx, key, params.model, started, outcome, resp.usage, grpc.StatusCode.OK,
+                     False)
+        return resp
+
+    async def stream_chat(self, req: pb.StreamChatCompletionRequest,
+                          ctx: CallContext) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+        """Relays the upstream chunks. A chunk carrying finish reasons is held until the
+        next one so that, when usage follows it, both go out as one last message."""
+        started = asyncio.get_running_loop().time()
+        params = req.params
+        key: KeyRecord | None = None
+        outcome = Outcome()
+        usage: pb.Usage | None = None
+        status = grpc.StatusCode.OK
+        held: pb.StreamChatCompletionResponse | None = None
+        try:
+            key = await self._admit(ctx, params.model)
+            _validate_chat(params)
+            async for chunk in self.router.stream(params, ctx.deadline, outcome):
+                if chunk.HasField("usage"):
+                    usage = chunk.usage
+                    if held is not None and not chunk.choices:
+                        held.usage.CopyFrom(chunk.usage)
+                        chunk, held = held, None
+                if held is not None:
+                    yield held
+                    held = None
+                if any(c.finish_reason for c in chunk.choices) and not chunk.HasField("usage"):
+                    held = chunk
+                    continue
+                yield chunk
+            if held is not None:
+                yield held
+        except GatewayError as err:
+            status = err.status
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            status = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            status = grpc.StatusCode.INTERNAL
+            raise self._internal(ctx, exc) from None
+        finally:
+            if key is not None:
+                self._record(ctx, key, params.model, started, outcome, usage, status, True)
+
+    async def list_models(self, req: pb.ListModelsRequest,
+                          ctx: CallContext) -> pb.ListModelsResponse:
+        key = await self.keys.authenticate(ctx.api_key)
+        return pb.ListModelsResponse(models=[
+            pb.Model(id=m, created=self.created, owned_by=owner)
+            for m, owner in self.router.model_ids() if key.allows(m)
+        ])
+
+    async def get_model(self, req: pb.GetModelRequest, ctx: CallContext) -> pb.GetModelResponse:
+        key = await self.keys.authenticate(ctx.api_key)
+        for m, owner in self.router.model_ids():
+            if m == req.model and key.allows(m):
+                return pb.GetModelResponse(model=pb.Model(id=m, created=self.created,
+                                                          owned_by=owner))
+        raise model_not_found(req.model)
+
+    async def create_image(self, req: pb.CreateImageRequest,
+                           ctx: CallContext) -> pb.CreateImageResponse:
+        started = asyncio.get_running_loop().time()
+        key: KeyRecord | None = None
+        outcome = Outcome()
+        try:
+            key = await self._admit(ctx, req.model)
+            if not req.prompt:
+                raise invalid("prompt must not be empty", "prompt")
+            if req.HasField("n") and not 1 <= req.n <= 10:
+                raise invalid(f"n must be between 1 and 10, got {req.n}", "n")
+            if req.HasField("response_format") and req.response_format not in ("url", "b64_json"):
+                raise invalid("response_format must be url or b64_json", "response_format")
+            resp = await self.router.create_image(req, ctx.deadline, outcome)
+        except GatewayError as err:
+            if key is not None:
+                self._record(ctx, key, req.model, started, outcome, None, err.status, False)
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise self._internal(ctx, exc) from None
+        self._record(ctx, key, req.model, started, outcome, resp.usage, grpc.StatusCode.OK, False)
+        return resp

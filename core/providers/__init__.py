@@ -1,0 +1,23 @@
+"""Upstream providers: one module per wire format, each pure translate functions plus a
+small client. This registry is the one place that maps a channel's `provider` name to
+its client class."""
+
+from __future__ import annotations
+
+from core.config import ChannelConfig
+from core.providers.base import HttpPool, ProviderClient
+from core.providers.echo import EchoClient
+from core.providers.openai import OpenAIClient
+
+PROVIDERS: dict[str, type[ProviderClient]] = {
+    "openai": OpenAIClient,
+    "echo": EchoClient,
+}
+
+
+def make_client(channel: ChannelConfig, http: HttpPool) -> ProviderClient:
+    try:
+        cls = PROVIDERS[channel.provider]
+    except KeyError:
+        raise ValueError(f"provider {channel.provider!r} is not available in this build") from None
+    return cls(channel, http)

@@ -1,0 +1,226 @@
+"""What every provider client shares: the upstream error type, the pooled aiohttp
+session, and readers for SSE and NDJSON bodies. No provider-specific knowledge here.
+
+Upstream calls go through aiohttp's client (DESIGN.md "Performance": httpx costs
+10–15× more CPU per request on this path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from switchboard.v1 import inference_pb2 as pb
+
+from core.config import ChannelConfig
+
+
+class UpstreamError(Exception):
+    """An upstream call that failed.
+
+    `retryable` says whether another channel may succeed (connect errors, 429, 5xx,
+    timeouts, malformed replies); a non-retryable error is the client's fault (a
+    4xx the client caused) and goes straight back to it. `status` is the upstream
+    HTTP status when there was one.
+    """
+
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None,
+                 retry_after: float | None = None, param: str | None = None,
+                 kind: str = "error") -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.status = status
+        self.retry_after = retry_after
+        self.param = param
+        # connect | timeout | http | malformed | stream | unsupported | error
+        self.kind = kind
+
+
+def retryable_status(status: int) -> bool:
+    """429, 5xx (incl. Anthropic's 529), and 401/403/404 that mean a channel is misconfigured
+    are worth trying elsewhere; other 4xx are the client's."""
+    return status == 429 or status >= 500 or status in (401, 403, 408, 409)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # HTTP-date form: treat as unknown
+
+
+def error_message(body: bytes, fallback: str) -> tuple[str, str | None]:
+    """Message and param from a JSON error body, whatever its provider's shape:
+    {"error": {"message": …}}, {"error": "…"}, {"message": …}."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body.decode("utf-8", "replace").strip()
+        return (text[:500] or fallback), None
+    if isinstance(data, list) and data:
+        data = data[0]  # Gemini's streaming endpoint wraps errors in a list
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, str):
+            return err, None
+        if isinstance(err, dict):
+            msg = err.get("message") or err.get("error") or fallback
+            param = err.get("param")
+            return str(msg), (param if isinstance(param, str) else None)
+    return fallback, None
+
+
+class HttpPool:
+    """One pooled keep-alive aiohttp session per event loop, shared by all channels."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                json_serialize=lambda o: orjson.dumps(o).decode(),
+                auto_decompress=True,
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class ProviderClient:
+    """Base for a channel's client. Subclasses implement the calls they support."""
+
+    supports_images = False
+
+    def __init__(self, channel: ChannelConfig, http: HttpPool) -> None:
+        self.channel = channel
+        self.http = http
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=channel.timeouts.connect or None,
+            sock_connect=channel.timeouts.connect or None,
+        )
+
+    async def chat(self, params: pb.ChatCompletionParams,
+                   model: str) -> pb.CreateChatCompletionResponse:
+        raise NotImplementedError
+
+    def stream(self, params: pb.ChatCompletionParams,
+               model: str) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+        raise NotImplementedError
+
+    async def create_image(self, req: pb.CreateImageRequest, model: str) -> pb.CreateImageResponse:
+        raise UpstreamError(
+            f"model `{req.model}` is served by a {self.channel.provider} channel, which does "
+            "not support image generation", retryable=False, status=400, param="model",
+            kind="unsupported")
+
+    # ---- helpers for subclasses --------------------------------------------
+
+    def redact(self, text: str) -> str:
+        key = self.channel.api_key
+        return text.replace(key, "[redacted]") if key and len(key) >= 4 else text
+
+    async def post(self, url: str, body: dict[str, Any], headers: dict[str, str]
+                   ) -> aiohttp.ClientResponse:
+        """POST JSON; returns a 2xx response (caller must close it) or raises UpstreamError.
+
+        A cancelled caller closes the connection, so the upstream sees the abort at once.
+        """
+        try:
+            resp = await self.http.session().post(
+                url, data=orjson.dumps(body), headers={**headers, **self.channel.headers},
+                timeout=self.timeout)
+        except TimeoutError:
+            raise UpstreamError(f"connect timeout after {self.channel.timeouts.connect:g}s",
+                                retryable=True, kind="connect") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"connect error: {self.redact(str(exc)) or type(exc).__name__}",
+                                retryable=True, kind="connect") from None
+        if resp.status < 300:
+            return resp
+        try:
+            body_bytes = await resp.read()
+        except aiohttp.ClientError:
+            body_bytes = b""
+        finally:
+            resp.close()
+        msg, param = error_message(body_bytes, resp.reason or "error")
+        raise UpstreamError(
+            f"HTTP {resp.status}: {self.redact(msg)}", retryable=retryable_status(resp.status),
+            status=resp.status, retry_after=parse_retry_after(resp.headers.get("retry-after")),
+            param=param, kind="http")
+
+    async def post_json(self, url: str, body: dict[str, Any],
+                        headers: dict[str, str]) -> Any:
+        resp = await self.post(url, body, headers)
+        try:
+            raw = await resp.read()
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"connection lost reading the reply: {type(exc).__name__}",
+                                retryable=True, kind="connect") from None
+        finally:
+            resp.close()
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("malformed JSON in the upstream reply", retryable=True,
+                                kind="malformed") from None
+
+
+async def iter_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """Lines of a streamed body (without the newline), as they arrive."""
+    try:
+        buf = b""
+        async for data in resp.content.iter_any():
+            buf += data
+            while True:
+                nl = buf.find(b"\n")
+                if nl < 0:
+                    break
+                yield buf[:nl].rstrip(b"\r")
+                buf = buf[nl + 1:]
+        if buf:
+            yield buf
+    except aiohttp.ClientPayloadError as exc:
+        raise UpstreamError(f"upstream stream broke: {type(exc).__name__}", retryable=True,
+                            kind="stream") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"upstream connection lost: {type(exc).__name__}", retryable=True,
+                            kind="stream") from None
+
+
+async def iter_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, bytes]]:
+    """Server-sent events as (event name, data) pairs; comments and keep-alives skipped."""
+    event = ""
+    data: list[bytes] = []
+    async for line in iter_lines(resp):
+        if not line:
+            if data:
+                yield event, b"\n".join(data)
+            event, data = "", []
+        elif line.startswith(b"data:"):
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif line.startswith(b"event:"):
+            event = line[6:].strip().decode()
+        # ':' comments, id:, retry: are ignored
+    if data:
+        yield event, b"\n".join(data)
+
+
+def loads_event(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("malformed JSON in an upstream stream event", retryable=True,
+                            kind="malformed") from None

@@ -1,0 +1,44 @@
+"""Builds the grpc.aio server: the inference servicer, grpc.health.v1 and server
+reflection (so `grpcurl list` works)."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from switchboard.v1 import inference_pb2, inference_pb2_grpc
+
+from core.gateway import Gateway
+from core.service import InferenceServicer
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def build_grpc_server(gateway: Gateway, address: str, *, reuse_port: bool = False
+                      ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A configured, not yet started server and the port it bound."""
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+    ])
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(gateway), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_names = (
+        inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(service_names, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC listener on {address}")
+    return server, port, health_servicer
+
+
+async def mark_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ("", inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name):
+        await health_servicer.set(name, status)
