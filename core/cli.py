@@ -19,20 +19,10 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
 from core.config import DEMO_KEY, Config, ConfigError, demo_config, load_config
-from core.gateway import Gateway
-from core.server import build_grpc_server, mark_serving
-from facade.app import create_app
-from facade.transport import GrpcTransport, Transport
+from core.runtime import Runtime
 
 log = logging.getLogger("switchboard")
-
-
-def _split(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 async def _stop_signal() -> None:
@@ -43,57 +33,19 @@ async def _stop_signal() -> None:
     await stop.wait()
 
 
-async def _start_http(transport: Transport, addr: str, config: Config
-                      ) -> tuple[web.AppRunner, str]:
-    app = create_app(transport, max_body_bytes=config.max_body_bytes)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=config.shutdown_grace_s)
-    await runner.setup()
-    host, port = _split(addr)
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    sock = site._server.sockets[0]  # type: ignore[union-attr]
-    return runner, f"{host}:{sock.getsockname()[1]}"
-
-
 async def run(mode: str, config: Config, *, http: str | None, grpc_addr: str | None,
               core_target: str | None = None) -> None:
-    gateway = Gateway(config) if mode in ("serve", "core") else None
-    grpc_server = health = None
-    ready = []
-    if gateway is not None:
-        grpc_server, gport, health = build_grpc_server(gateway, grpc_addr or config.listen_grpc)
-        await grpc_server.start()
-        await mark_serving(health, True)
-        ready.append(f"grpc={_split(grpc_addr or config.listen_grpc)[0]}:{gport}")
-    runner = None
-    transport: Transport | None = None
-    if mode in ("serve", "facade"):
-        transport = gateway if gateway is not None else GrpcTransport(core_target or "")
-        runner, where = await _start_http(transport, http or config.listen_http, config)
-        ready.insert(0, f"http={where}")
-    print("switchboard: ready " + " ".join(ready), flush=True)
+    runtime = Runtime(mode, config, http=http, grpc_addr=grpc_addr, core_target=core_target)
+    await runtime.start()
+    print(runtime.ready_line(), flush=True)
     if config.source == "<demo>":
         print(f"switchboard: DEMO mode (echo provider, no upstream). Try:\n"
-              f"  curl http://{ready[0][5:]}/v1/chat/completions -H 'Authorization: Bearer "
+              f"  curl {runtime.http_url}/v1/chat/completions -H 'Authorization: Bearer "
               f"{DEMO_KEY}' -H 'content-type: application/json' "
               "-d '{\"model\":\"echo\",\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}'",
               flush=True)
     await _stop_signal()
-    log.info("shutting down: draining in-flight requests for up to %gs", config.shutdown_grace_s)
-    if health is not None:
-        await mark_serving(health, False)
-    drains = []
-    if runner is not None:
-        drains.append(runner.cleanup())
-    if grpc_server is not None:
-        drains.append(grpc_server.stop(config.shutdown_grace_s))
-    await asyncio.gather(*drains)
-    if gateway is not None:
-        await gateway.close()
-    if isinstance(transport, GrpcTransport):
-        await transport.close()
-    log.info("stopped")
+    await runtime.stop()
 
 
 def _event_loop_runner() -> asyncio.Runner:
@@ -115,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--http", help="HTTP listen address, overrides listen.http")
         p.add_argument("--grpc", help="gRPC listen address, overrides listen.grpc")
         if name == "facade":
-            p.add_argument("--core", required=True, help="address of the core, e.g. 127.0.0.1:50051")
+            p.add_argument("--core", required=True,
+                           help="address of the core, e.g. 127.0.0.1:50051")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")

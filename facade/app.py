@@ -28,6 +28,7 @@ from facade.transport import Transport
 log = logging.getLogger("switchboard.facade")
 
 TRANSPORT = web.AppKey("transport", Transport)
+RID = web.RequestKey("rid", str)
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _JSON = "application/json"
 _SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache",
@@ -90,8 +91,8 @@ async def _body(request: web.Request) -> object:
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes an OpenAI error object with the table's status."""
-    rid = request.get("rid") or _request_id(request)
-    request["rid"] = rid
+    rid = request.get(RID) or _request_id(request)
+    request[RID] = rid
     try:
         return await handler(request)
     except GatewayError as err:
@@ -119,7 +120,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    rid = request["rid"]
+    rid = request[RID]
     params, stream = oj.parse_chat(await _body(request))
     ctx = _context(request, rid)
     transport = request.app[TRANSPORT]
@@ -163,20 +164,20 @@ async def _relay_stream(request: web.Request, chunks: object, rid: str,
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
-    ctx = _context(request, request["rid"])
+    ctx = _context(request, request[RID])
     resp = await request.app[TRANSPORT].list_models(pb.ListModelsRequest(), ctx)
-    return _json(oj.models_json(resp.models), request["rid"])
+    return _json(oj.models_json(resp.models), request[RID])
 
 
 async def get_model(request: web.Request) -> web.StreamResponse:
-    ctx = _context(request, request["rid"])
+    ctx = _context(request, request[RID])
     resp = await request.app[TRANSPORT].get_model(
         pb.GetModelRequest(model=request.match_info["model"]), ctx)
-    return _json(oj.model_json(resp.model), request["rid"])
+    return _json(oj.model_json(resp.model), request[RID])
 
 
 async def images_generations(request: web.Request) -> web.StreamResponse:
-    rid = request["rid"]
+    rid = request[RID]
     req = oj.parse_image(await _body(request))
     resp = await request.app[TRANSPORT].create_image(req, _context(request, rid))
     return _json(oj.image_response_json(resp), rid)

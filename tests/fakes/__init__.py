@@ -1,0 +1,1 @@
+"""Fake upstreams on loopback, each speaking one provider's real wire format."""
