@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-from switchboard.v1 import inference_pb2 as pb
 
 from core.config import Config
 from core.errors import GatewayError, invalid, model_not_found
@@ -25,6 +24,7 @@ from core.keys import KeyRecord, KeyRing, check_model_allowed
 from core.providers.base import HttpPool
 from core.router import Outcome, Router
 from core.usage import MemoryUsageSink, UsageRecord, UsageSink
+from switchboard.v1 import inference_pb2 as pb
 
 log = logging.getLogger("switchboard.gateway")
 

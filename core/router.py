@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
-from switchboard.v1 import inference_pb2 as pb
 
 from core.circuit import CircuitBreaker
 from core.config import ChannelConfig, Config
 from core.errors import GatewayError, model_not_found
 from core.providers import make_client
 from core.providers.base import HttpPool, ProviderClient, UpstreamError
+from switchboard.v1 import inference_pb2 as pb
 
 T = TypeVar("T")
 

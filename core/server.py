@@ -6,10 +6,10 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from switchboard.v1 import inference_pb2, inference_pb2_grpc
 
 from core.gateway import Gateway
 from core.service import InferenceServicer
+from switchboard.v1 import inference_pb2, inference_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 

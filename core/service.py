@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 from typing import NoReturn
 
 import grpc
-from switchboard.v1 import inference_pb2 as pb
-from switchboard.v1 import inference_pb2_grpc as pb_grpc
 
 from core.errors import GatewayError
 from core.gateway import CallContext, Gateway, new_request_id
 from core.keys import bearer_token
+from switchboard.v1 import inference_pb2 as pb
+from switchboard.v1 import inference_pb2_grpc as pb_grpc
 
 
 def call_context(context: grpc.aio.ServicerContext) -> CallContext:

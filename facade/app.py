@@ -17,13 +17,13 @@ from collections.abc import Awaitable, Callable
 import grpc
 import orjson
 from aiohttp import web
-from switchboard.v1 import inference_pb2 as pb
 
 from core.errors import GatewayError, invalid
 from core.gateway import CallContext, new_request_id
 from core.keys import bearer_token
 from facade import openai_json as oj
 from facade.transport import Transport
+from switchboard.v1 import inference_pb2 as pb
 
 log = logging.getLogger("switchboard.facade")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from switchboard.v1 import inference_pb2 as pb
 
 from core.errors import GatewayError, invalid
+from switchboard.v1 import inference_pb2 as pb
 
 ROLES = {"system": pb.ROLE_SYSTEM, "developer": pb.ROLE_DEVELOPER, "user": pb.ROLE_USER,
          "assistant": pb.ROLE_ASSISTANT, "tool": pb.ROLE_TOOL}

@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 import grpc
-from switchboard.v1 import inference_pb2 as pb
-from switchboard.v1 import inference_pb2_grpc as pb_grpc
 
 from core.errors import GatewayError
 from core.gateway import CallContext
 from core.server import MAX_MESSAGE_BYTES
+from switchboard.v1 import inference_pb2 as pb
+from switchboard.v1 import inference_pb2_grpc as pb_grpc
 
 
 class Transport(Protocol):

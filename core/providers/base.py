@@ -12,9 +12,9 @@ from typing import Any
 
 import aiohttp
 import orjson
-from switchboard.v1 import inference_pb2 as pb
 
 from core.config import ChannelConfig
+from switchboard.v1 import inference_pb2 as pb
 
 
 class UpstreamError(Exception):

@@ -14,9 +14,8 @@ import re
 import time
 from collections.abc import AsyncIterator
 
-from switchboard.v1 import inference_pb2 as pb
-
 from core.providers.base import ProviderClient
+from switchboard.v1 import inference_pb2 as pb
 
 _PNG_1x1 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGA"
             "hKmMIQAAAABJRU5ErkJggg==")

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from switchboard.v1 import inference_pb2 as pb
 
 from core.providers.base import ProviderClient, UpstreamError, iter_sse, loads_event
+from switchboard.v1 import inference_pb2 as pb
 
 ROLE_TO_WIRE = {
     pb.ROLE_SYSTEM: "system", pb.ROLE_DEVELOPER: "developer", pb.ROLE_USER: "user",
