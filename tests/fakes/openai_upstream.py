@@ -84,6 +84,13 @@ class FakeOpenAI:
                        "param": None, "code": None}}, status=status, headers=headers)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._chat_inner(request)
+        except asyncio.CancelledError:
+            self.disconnects += 1  # the gateway closed our connection before we finished
+            raise
+
+    async def _chat_inner(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
         self.headers.append({k.lower(): v for k, v in request.headers.items()})
@@ -97,6 +104,8 @@ class FakeOpenAI:
                        "function": {"name": name, "arguments": json.dumps(args)}}
                       for i, (name, args) in enumerate(d.tool_calls)]
         if not body.get("stream"):
+            if d.delay_ms:
+                await asyncio.sleep(d.delay_ms / 1000)
             msg: dict[str, Any] = {"role": "assistant", "content": d.text or None, "refusal": None,
                                    "annotations": []}
             if d.thinking:
@@ -127,8 +136,8 @@ class FakeOpenAI:
                     await send([{"index": i, "delta": {"reasoning_content": d.thinking},
                                  "finish_reason": None}])
                 for w in words(d.text) if d.text else []:
+                    await asyncio.sleep(d.delay_ms / 1000)
                     await send([{"index": i, "delta": {"content": w}, "finish_reason": None}])
-                    await asyncio.sleep(0)
                 if d.midstream_error:
                     await resp.write(b'data: {"error": {"message": "fake midstream failure", '
                                      b'"type": "server_error"}}\n\n')
@@ -145,7 +154,7 @@ class FakeOpenAI:
             if include_usage:
                 await send([], usage=_usage())
             await resp.write(b"data: [DONE]\n\n")
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
             self.disconnects += 1
             raise
         return resp

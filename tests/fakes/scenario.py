@@ -22,6 +22,7 @@ class Decision:
     error_status: int | None = None
     midstream_error: bool = False
     stopped_by_sequence: bool = False
+    delay_ms: float = 0.0  # `SLOW <ms>`: pause before each streamed delta (OpenAI fake)
 
 
 def describe_image(url: str) -> str:
@@ -48,6 +49,8 @@ def decide(*, last_text: str, last_is_tool_result: bool, images: list[str],
                 return d
         elif parts[0] == "TOOL" and len(parts) == 3:
             d.tool_calls.append((parts[1], json.loads(parts[2])))
+        elif parts[0] == "SLOW" and len(parts) > 1:
+            d.delay_ms = float(parts[1])
         elif parts[0] == "THINK":
             d.thinking = line.strip()[6:]
     if d.tool_calls:
