@@ -42,7 +42,7 @@ def _denull(node: Any) -> Any:
 def _spec() -> dict[str, Any]:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with SPEC.open() as f:
-        return _denull(yaml.load(f, Loader=loader))  # type: ignore[no-any-return]
+        return dict(_denull(yaml.load(f, Loader=loader)))
 
 
 @functools.cache

@@ -5,13 +5,19 @@ its client class."""
 from __future__ import annotations
 
 from core.config import ChannelConfig
+from core.providers.anthropic import AnthropicClient
 from core.providers.base import HttpPool, ProviderClient
 from core.providers.echo import EchoClient
+from core.providers.gemini import GeminiClient
+from core.providers.ollama import OllamaClient
 from core.providers.openai import OpenAIClient
 
 PROVIDERS: dict[str, type[ProviderClient]] = {
     "openai": OpenAIClient,
     "echo": EchoClient,
+    "anthropic": AnthropicClient,
+    "gemini": GeminiClient,
+    "ollama": OllamaClient,
 }
 
 
