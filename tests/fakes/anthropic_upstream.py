@@ -34,6 +34,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.base import LoopbackFake
 from tests.fakes.scenario import USAGE, Decision, decide, split_json, words
 
 JSON_TOOL = "json_response"
@@ -268,28 +269,13 @@ def _last_message(body: dict[str, Any]) -> tuple[str, bool, list[str]]:
     return text, False, [_describe(b["source"]) for b in tail if b["type"] == "image"]
 
 
-class FakeAnthropic:
+class FakeAnthropic(LoopbackFake):
     def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-        self.disconnects = 0
-        self.USAGE = USAGE
-        self._runner: web.AppRunner | None = None
+        super().__init__()
         self._ids = 0
 
-    async def start(self) -> str:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self._messages)
-        self._runner = web.AppRunner(app, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return f"http://127.0.0.1:{port}"
-
-    async def close(self) -> None:
-        if self._runner:
-            await self._runner.cleanup()
 
     def _id(self, prefix: str) -> str:
         self._ids += 1

@@ -40,6 +40,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.base import LoopbackFake
 from tests.fakes.scenario import USAGE, Decision, decide, words
 
 SKIP_SIGNATURE = "skip_thought_signature_validator"
@@ -167,30 +168,14 @@ def _describe(part: dict[str, Any]) -> str | None:
     return None
 
 
-class FakeGemini:
+class FakeGemini(LoopbackFake):
     def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []  # as received (before normalising spellings)
-        self.headers: list[dict[str, str]] = []
+        super().__init__()  # requests are logged as received (before normalising spellings)
         self.paths: list[str] = []
-        self.USAGE = USAGE
         self.last_usage: dict[str, int] = dict(USAGE)
-        self.url = ""
-        self._runner: web.AppRunner | None = None
 
-    async def start(self) -> str:
-        app = web.Application(client_max_size=32 * 1024 * 1024)
+    def routes(self, app: web.Application) -> None:
         app.router.add_post(r"/{version:v1|v1beta}/models/{target:[^/]+}", self._handle)
-        self._runner = web.AppRunner(app, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-        return self.url
-
-    async def close(self) -> None:
-        if self._runner:
-            await self._runner.cleanup()
 
     # ------------------------------------------------------------------ helpers ----
 
@@ -239,8 +224,7 @@ class FakeGemini:
             body = await request.json()
         except json.JSONDecodeError:
             return self._error(400, "Invalid JSON payload received.")
-        self.requests.append(body)
-        self.headers.append({k.lower(): v for k, v in request.headers.items()})
+        self.log(request, body)
         body = normalize(body)
         if not (request.headers.get("x-goog-api-key") or request.query.get("key")):
             return self._error(403, "Method doesn't allow unregistered callers (callers without "

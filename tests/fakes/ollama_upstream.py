@@ -29,6 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.base import LoopbackFake
 from tests.fakes.scenario import USAGE, Decision, decide, words
 
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
@@ -105,27 +106,9 @@ def wire_tool_calls(d: Decision) -> list[dict[str, Any]]:
             for i, (name, args) in enumerate(d.tool_calls)]
 
 
-class FakeOllama:
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-        self.disconnects = 0
-        self.USAGE = USAGE
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> str:
-        app = web.Application()
+class FakeOllama(LoopbackFake):
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/api/chat", self._chat)
-        self._runner = web.AppRunner(app, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return f"http://127.0.0.1:{port}"
-
-    async def close(self) -> None:
-        if self._runner:
-            await self._runner.cleanup()
 
     def _decide(self, body: dict[str, Any]) -> Decision:
         last = body["messages"][-1] if body["messages"] else {"role": "user", "content": ""}
@@ -154,8 +137,7 @@ class FakeOllama:
             body = await request.json()
         except json.JSONDecodeError:
             return web.json_response({"error": "invalid character in request body"}, status=400)
-        self.requests.append(body)
-        self.headers.append({k.lower(): v for k, v in request.headers.items()})
+        self.log(request, body)
         try:
             validate(body)
             d = self._decide(body)

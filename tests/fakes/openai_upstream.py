@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.base import LoopbackFake
 from tests.fakes.scenario import USAGE, Decision, decide, describe_image, split_json, words
 
 
@@ -44,28 +45,12 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404:
                 429: "requests", 500: "server_error", 503: "server_error"}
 
 
-class FakeOpenAI:
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-        self.disconnects = 0  # streams whose client went away before the end
-        self.USAGE = USAGE
-        self._runner: web.AppRunner | None = None
+class FakeOpenAI(LoopbackFake):
+    base_path = "/v1"
 
-    async def start(self) -> str:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/images/generations", self._images)
-        self._runner = web.AppRunner(app, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return f"http://127.0.0.1:{port}/v1"
-
-    async def close(self) -> None:
-        if self._runner:
-            await self._runner.cleanup()
 
     def _decide(self, body: dict[str, Any]) -> Decision:
         last = body["messages"][-1]
@@ -92,8 +77,7 @@ class FakeOpenAI:
 
     async def _chat_inner(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.requests.append(body)
-        self.headers.append({k.lower(): v for k, v in request.headers.items()})
+        self.log(request, body)
         d = self._decide(body)
         if d.error_status:
             return self._error(d.error_status)
@@ -161,8 +145,7 @@ class FakeOpenAI:
 
     async def _images(self, request: web.Request) -> web.Response:
         body = await request.json()
-        self.requests.append(body)
-        self.headers.append({k.lower(): v for k, v in request.headers.items()})
+        self.log(request, body)
         n = body.get("n") or 1
         if body.get("response_format") == "b64_json":
             data = [{"b64_json": "aGVsbG8=", "revised_prompt": body["prompt"]} for _ in range(n)]
