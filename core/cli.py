@@ -4,6 +4,19 @@
                                          with no config: the echo demo on loopback
   switchboard core --config FILE         the gRPC core alone
   switchboard facade --core ADDR         the REST façade alone, calling a remote core
+  switchboard check-config FILE          validate a config: prints OK (exit 0) or the
+                                         error (exit 2); nothing is started
+
+SIGHUP re-reads the config file and applies its channels, keys and routes without
+dropping in-flight requests; a config that does not load is logged and the running one
+keeps serving. Logs go to stderr in the configured format (`observability.log_format`:
+json by default), with secrets redacted (core/logs.py).
+
+`--workers N` (N > 1, fixed ports) starts N worker processes that each bind the same
+HTTP and gRPC ports with SO_REUSEPORT (the kernel spreads connections among them); the
+parent only supervises: it prints one ready line once every worker is up, forwards
+SIGTERM/SIGINT to them and exits when they have drained. Workers share nothing in memory,
+so in-memory limits are per worker: use Redis limits for exact figures with N > 1.
 
 SIGTERM/SIGINT stop accepting, let in-flight requests finish for `shutdown_grace_s`,
 then end the rest and exit. A ready line `switchboard: ready http=HOST:PORT
@@ -15,11 +28,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
+from core.cli_admin import register as register_admin_commands
+from core.cli_admin import run_admin
 from core.config import DEMO_KEY, Config, ConfigError, demo_config, load_config
+from core.logs import setup_logging
 from core.runtime import Runtime
 
 log = logging.getLogger("switchboard")
@@ -34,9 +51,11 @@ async def _stop_signal() -> None:
 
 
 async def run(mode: str, config: Config, *, http: str | None, grpc_addr: str | None,
-              core_target: str | None = None) -> None:
-    runtime = Runtime(mode, config, http=http, grpc_addr=grpc_addr, core_target=core_target)
+              core_target: str | None = None, reuse_port: bool = False) -> None:
+    runtime = Runtime(mode, config, http=http, grpc_addr=grpc_addr, core_target=core_target,
+                      reuse_port=reuse_port)
     await runtime.start()
+    _reload_on_sighup(runtime)
     print(runtime.ready_line(), flush=True)
     if config.source == "<demo>":
         print(f"switchboard: DEMO mode (echo provider, no upstream). Try:\n"
@@ -46,6 +65,71 @@ async def run(mode: str, config: Config, *, http: str | None, grpc_addr: str | N
               flush=True)
     await _stop_signal()
     await runtime.stop()
+
+
+def _forward_hup(procs: list[asyncio.subprocess.Process]) -> None:
+    for p in procs:
+        if p.returncode is None:
+            p.send_signal(signal.SIGHUP)
+
+
+async def supervise(argv: list[str], workers: int) -> int:
+    """Run `workers` copies of this command as SO_REUSEPORT workers; 0 when all stopped cleanly."""
+    cmd = [sys.executable, "-m", "core.cli", *argv, "--worker"]
+    procs = [await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE)
+             for _ in range(workers)]
+    ready = ""
+    for proc in procs:
+        assert proc.stdout is not None
+        line = (await proc.stdout.readline()).decode()
+        if not line.startswith("switchboard: ready"):
+            for p in procs:
+                if p.returncode is None:
+                    p.terminate()
+            await asyncio.gather(*(p.wait() for p in procs))
+            return 1
+        ready = line.rstrip("\n")
+    print(f"{ready} workers={workers}", flush=True)
+    # SIGHUP (config reload) goes to every worker; the supervisor itself holds no config.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _forward_hup, procs)
+    stop = asyncio.ensure_future(_stop_signal())
+    exits = [asyncio.ensure_future(p.wait()) for p in procs]
+    await asyncio.wait([stop, *exits], return_when=asyncio.FIRST_COMPLETED)
+    for p in procs:  # on a signal, or when one worker died: stop them all
+        if p.returncode is None:
+            p.terminate()
+    codes = await asyncio.gather(*exits)
+    stop.cancel()
+    return 0 if stop.done() and not stop.cancelled() and not any(codes) else max(1, *codes)
+
+
+def _reload_on_sighup(runtime: Runtime) -> None:
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        try:
+            await runtime.reload()
+        except ConfigError:
+            pass  # logged by Runtime.reload; the running config keeps serving
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+
+def check_config(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"switchboard: config error: {exc}", file=sys.stderr)
+        return 2
+    print(f"OK {path}: {len(config.channels)} channels, {len(config.keys)} keys, "
+          f"{len(config.routes)} routes")
+    return 0
 
 
 def _event_loop_runner() -> asyncio.Runner:
@@ -59,19 +143,29 @@ def _event_loop_runner() -> asyncio.Runner:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="switchboard", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("check-config", help="validate a config file and exit").add_argument(
+        "file", help="YAML config file")
     for name, helptext in (("serve", "core and façade in one process"),
                            ("core", "the gRPC core alone"),
                            ("facade", "the REST façade alone")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--config", help="YAML config file (serve: omit for the echo demo)")
+        p.add_argument("--config", default=os.environ.get("SWITCHBOARD_CONFIG") or None,
+                       help="YAML config file (default $SWITCHBOARD_CONFIG; serve: omit both for "
+                            "the echo demo)")
         p.add_argument("--http", help="HTTP listen address, overrides listen.http")
         p.add_argument("--grpc", help="gRPC listen address, overrides listen.grpc")
         if name == "facade":
             p.add_argument("--core", required=True,
                            help="address of the core, e.g. 127.0.0.1:50051")
+        p.add_argument("--workers", type=int, default=1,
+                       help="worker processes sharing the ports with SO_REUSEPORT (default 1)")
+        p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    register_admin_commands(sub)  # keys create|list|get|revoke, usage (core/cli_admin.py)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.cmd in ("keys", "usage"):
+        return run_admin(args)
+    if args.cmd == "check-config":
+        return check_config(args.file)
     try:
         if args.config:
             config = load_config(args.config)
@@ -84,14 +178,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"switchboard: config error: {exc}", file=sys.stderr)
         return 2
+    setup_logging(config)
+    if args.workers > 1 and not args.worker:
+        return _run_pool(args, config, list(sys.argv[1:] if argv is None else argv))
     with _event_loop_runner() as runner:
         try:
             runner.run(run(args.cmd, config, http=args.http, grpc_addr=args.grpc,
-                           core_target=getattr(args, "core", None)))
+                           core_target=getattr(args, "core", None), reuse_port=args.worker))
         except OSError as exc:
             print(f"switchboard: cannot start: {exc}", file=sys.stderr)
             return 1
     return 0
+
+
+def _run_pool(args: argparse.Namespace, config: Config, argv: list[str]) -> int:
+    from core.runtime import split_address
+
+    addrs = []
+    if args.cmd in ("serve", "facade"):
+        addrs.append(args.http or config.listen_http)
+    if args.cmd in ("serve", "core"):
+        addrs.append(args.grpc or config.listen_grpc)
+    if any(split_address(a)[1] == 0 for a in addrs):
+        print("switchboard: --workers > 1 needs fixed ports (not 0)", file=sys.stderr)
+        return 2
+    with _event_loop_runner() as runner:
+        return runner.run(supervise(argv, args.workers))
 
 
 if __name__ == "__main__":

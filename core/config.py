@@ -62,6 +62,35 @@ class KeyConfig:
     rpm: int | None = None
     tpm: int | None = None
     max_concurrent: int | None = None
+    budget: float | None = None
+    budget_unit: str = "tokens"  # tokens | usd
+    budget_period: str = "total"  # day | month | total
+    allowed_cidrs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """How limits behave (core/limits.py). `on_error`: what a request meets when the
+    limits backend (Redis) is unreachable — "closed" refuses it (503-class UNAVAILABLE),
+    "open" lets it through unlimited. `default_max_tokens`: the completion tokens reserved
+    when a request names no max_tokens. `lease_s`: how long a concurrency slot outlives a
+    replica that died holding it."""
+
+    on_error: str = "closed"
+    key_prefix: str = "switchboard"
+    default_max_tokens: int = 1024
+    lease_s: float = 900.0
+    redis_timeout_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class Price:
+    """US dollars per million tokens (and per generated image)."""
+
+    prompt: float = 0.0
+    completion: float = 0.0
+    cached_prompt: float | None = None  # None: same as prompt
+    image: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -73,11 +102,35 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class CircuitSettings:
+    """A channel failing `threshold` times within `window_s` is cooled down for `cooldown_s`,
+    then one trial request decides whether it closes again (core/circuit.py)."""
+
+    threshold: int = 5
+    window_s: float = 30.0
+    cooldown_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class RouterSettings:
     max_attempts: int = 3
     backoff_ms: float = 50.0
     # Honour an upstream 429's Retry-After only when it is at most this long.
     max_retry_after_s: float = 2.0
+    circuit: CircuitSettings = field(default_factory=CircuitSettings)
+
+
+@dataclass(frozen=True)
+class ObservabilityConfig:
+    """Logs, metrics and traces (docs/operations.md). Tracing is off unless
+    `otel_endpoint` is set (needs the `otel` extra)."""
+
+    log_format: str = "json"  # json | text
+    log_level: str = "info"
+    access_log: bool = True  # one line per request (logger switchboard.access)
+    otel_endpoint: str = ""  # OTLP/HTTP base URL, e.g. http://otel-collector:4318
+    service_name: str = "switchboard"
+    trace_sample_ratio: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +146,13 @@ class Config:
     router: RouterSettings = field(default_factory=RouterSettings)
     max_body_bytes: int = 20 * 1024 * 1024
     shutdown_grace_s: float = 30.0
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    limit_settings: LimitSettings = field(default_factory=LimitSettings)
+    # model name or glob -> price; the first matching entry in file order wins.
+    prices: tuple[tuple[str, Price], ...] = ()
+    # Store-backed keys are cached this long: revocation, disabling and edits reach every
+    # replica within it (expiry is checked on every request).
+    key_cache_s: float = 2.0
     source: str = "<builtin>"
 
 
@@ -233,7 +293,8 @@ def _channel(r: _Reader, raw: Any, path: str, default_timeouts: Timeouts) -> Cha
 
 def _key(r: _Reader, raw: Any, path: str) -> KeyConfig:
     d = r.mapping(raw, path)
-    r.unknown(d, {"name", "key", "models", "rpm", "tpm", "max_concurrent"}, path)
+    r.unknown(d, {"name", "key", "models", "rpm", "tpm", "max_concurrent", "budget", "budget_unit",
+                  "budget_period", "allowed_cidrs"}, path)
     key = r.str_(d, "key", path)
     if len(key) < 8:
         raise r.fail(f"{path}.key", "is shorter than 8 characters")
@@ -242,7 +303,88 @@ def _key(r: _Reader, raw: Any, path: str) -> KeyConfig:
         name=r.str_(d, "name", path), key=key, models=models or ("*",),
         rpm=r.int_(d, "rpm", path, None), tpm=r.int_(d, "tpm", path, None),
         max_concurrent=r.int_(d, "max_concurrent", path, None),
+        budget=r.num(d, "budget", path, None),
+        budget_unit=_choice(r, d, "budget_unit", path, ("tokens", "usd"), "tokens"),
+        budget_period=_choice(r, d, "budget_period", path, ("day", "month", "total"), "total"),
+        allowed_cidrs=_cidrs(r, d.get("allowed_cidrs"), f"{path}.allowed_cidrs"),
     )
+
+
+def _choice(r: _Reader, d: dict[str, Any], key: str, path: str, allowed: tuple[str, ...],
+            default: str) -> str:
+    value = r.str_(d, key, path, default)
+    if value not in allowed:
+        raise r.fail(f"{path}.{key}", f"expected one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _cidrs(r: _Reader, raw: Any, path: str) -> tuple[str, ...]:
+    import ipaddress
+
+    out = []
+    for i, c in enumerate(r.seq(raw, path)):
+        try:
+            out.append(str(ipaddress.ip_network(str(c), strict=False)))
+        except ValueError:
+            raise r.fail(f"{path}[{i}]", f"expected a CIDR such as 10.0.0.0/8, got {c!r}") from None
+    return tuple(out)
+
+
+def _limits(r: _Reader, raw: Any) -> tuple[str, LimitSettings]:
+    """`limits: memory | redis://…`, or a mapping with `backend` and the settings."""
+    if raw is None or isinstance(raw, str):
+        backend, d = raw or Config.limits, {}
+    else:
+        d = r.mapping(raw, "limits")
+        r.unknown(d, {"backend", "on_error", "key_prefix", "default_max_tokens", "lease_s",
+                      "redis_timeout_s"}, "limits")
+        backend = r.str_(d, "backend", "limits", Config.limits)
+    if backend != "memory" and not re.match(r"^rediss?://", backend):
+        raise r.fail("limits", f"expected memory or a redis:// URL, got {backend!r}")
+    base = LimitSettings()
+    prefix = r.str_(d, "key_prefix", "limits", base.key_prefix)
+    if not re.match(r"^[A-Za-z0-9_.:-]{1,64}$", prefix):
+        raise r.fail("limits.key_prefix", "use letters, digits and _.:- only")
+    return backend, LimitSettings(
+        on_error=_choice(r, d, "on_error", "limits", ("closed", "open"), base.on_error),
+        key_prefix=prefix,
+        default_max_tokens=int(r.int_(d, "default_max_tokens", "limits", base.default_max_tokens)
+                               or 1),
+        lease_s=r.num(d, "lease_s", "limits", base.lease_s, minimum=1) or base.lease_s,
+        redis_timeout_s=r.num(d, "redis_timeout_s", "limits", base.redis_timeout_s)
+        or base.redis_timeout_s,
+    )
+
+
+def _admin_key(r: _Reader, d: dict[str, Any]) -> str:
+    """Empty or absent disables the admin API; a set key must be hard to guess."""
+    if d.get("admin_key") in (None, ""):
+        return ""
+    key = r.str_(d, "admin_key", "")
+    if len(key) < 8:
+        raise r.fail("admin_key", "is shorter than 8 characters")
+    return key
+
+
+def _store(r: _Reader, d: dict[str, Any]) -> str:
+    dsn = r.str_(d, "store", "", Config.store)
+    if not dsn.startswith(("sqlite://", "postgresql://", "postgres://")):
+        raise r.fail("store", "expected sqlite:///path/to/file.db or a postgresql:// DSN")
+    return dsn
+
+
+def _prices(r: _Reader, raw: Any) -> tuple[tuple[str, Price], ...]:
+    out = []
+    for model, spec in r.mapping(raw, "prices").items():
+        path = f"prices.{model}"
+        d = r.mapping(spec, path)
+        r.unknown(d, {"prompt", "completion", "cached_prompt", "image"}, path)
+        out.append((str(model), Price(
+            prompt=r.num(d, "prompt", path, 0.0) or 0.0,
+            completion=r.num(d, "completion", path, 0.0) or 0.0,
+            cached_prompt=r.num(d, "cached_prompt", path, None),
+            image=r.num(d, "image", path, 0.0) or 0.0)))
+    return tuple(out)
 
 
 def _route(r: _Reader, raw: Any, path: str) -> RouteConfig:
@@ -255,12 +397,40 @@ def _route(r: _Reader, raw: Any, path: str) -> RouteConfig:
                        hedge_after_ms=r.num(d, "hedge_after_ms", path, None))
 
 
+def _observability(r: _Reader, raw: Any) -> ObservabilityConfig:
+    path = "observability"
+    d = r.mapping(raw, path)
+    r.unknown(d, {"log_format", "log_level", "access_log", "otel_endpoint", "service_name",
+                  "trace_sample_ratio"}, path)
+    base = ObservabilityConfig()
+    fmt = r.str_(d, "log_format", path, base.log_format)
+    if fmt not in ("json", "text"):
+        raise r.fail(f"{path}.log_format", f"expected json or text, got {fmt!r}")
+    level = r.str_(d, "log_level", path, base.log_level).lower()
+    if level not in ("debug", "info", "warning", "error", "critical"):
+        raise r.fail(f"{path}.log_level", f"expected debug, info, warning or error, got {level!r}")
+    endpoint = r.str_(d, "otel_endpoint", path, "").rstrip("/")
+    if endpoint and not re.match(r"^https?://", endpoint):
+        raise r.fail(f"{path}.otel_endpoint", f"expected an http(s) URL, got {endpoint!r}")
+    ratio = r.num(d, "trace_sample_ratio", path, base.trace_sample_ratio)
+    if ratio is None or not 0 <= ratio <= 1:
+        raise r.fail(f"{path}.trace_sample_ratio", "expected a number between 0 and 1")
+    access_log = d.get("access_log", True)
+    if not isinstance(access_log, bool):
+        raise r.fail(f"{path}.access_log", f"expected true or false, got {access_log!r}")
+    return ObservabilityConfig(log_format=fmt, log_level=level, access_log=access_log,
+                               otel_endpoint=endpoint,
+                               service_name=r.str_(d, "service_name", path, base.service_name),
+                               trace_sample_ratio=ratio)
+
+
 def parse_config(data: Any, source: str) -> Config:
     """Build a Config from parsed YAML; raises ConfigError naming what is wrong."""
     r = _Reader(source)
     d = r.mapping(data, "")
     r.unknown(d, {"listen", "store", "limits", "admin_key", "keys", "channels", "routes",
-                  "timeouts", "router", "max_body_bytes", "shutdown_grace_s"}, "")
+                  "timeouts", "router", "max_body_bytes", "shutdown_grace_s", "observability",
+                  "prices", "key_cache_s"}, "")
     listen = r.mapping(d.get("listen"), "listen")
     r.unknown(listen, {"http", "grpc"}, "listen")
     default_timeouts = _timeouts(r, d.get("timeouts"), "timeouts", Timeouts())
@@ -279,21 +449,31 @@ def parse_config(data: Any, source: str) -> Config:
             if target not in served and target not in aliases:
                 raise r.fail(f"routes[{i}].targets[{j}]", f"no channel serves model {target!r}")
     rd = r.mapping(d.get("router"), "router")
-    r.unknown(rd, {"max_attempts", "backoff_ms", "max_retry_after_s"}, "router")
+    r.unknown(rd, {"max_attempts", "backoff_ms", "max_retry_after_s", "circuit"}, "router")
+    cd = r.mapping(rd.get("circuit"), "router.circuit")
+    r.unknown(cd, {"threshold", "window_s", "cooldown_s"}, "router.circuit")
     router = RouterSettings(
         max_attempts=int(r.int_(rd, "max_attempts", "router", 3) or 1),
         backoff_ms=r.num(rd, "backoff_ms", "router", 50.0) or 0.0,
         max_retry_after_s=r.num(rd, "max_retry_after_s", "router", 2.0) or 0.0,
+        circuit=CircuitSettings(
+            threshold=int(r.int_(cd, "threshold", "router.circuit", 5) or 1),
+            window_s=r.num(cd, "window_s", "router.circuit", 30.0) or 0.0,
+            cooldown_s=r.num(cd, "cooldown_s", "router.circuit", 30.0) or 0.0,
+        ),
     )
+    limits_backend, limit_settings = _limits(r, d.get("limits"))
     return Config(
         listen_http=r.str_(listen, "http", "listen", Config.listen_http),
         listen_grpc=r.str_(listen, "grpc", "listen", Config.listen_grpc),
-        store=r.str_(d, "store", "", Config.store),
-        limits=r.str_(d, "limits", "", Config.limits),
-        admin_key=r.str_(d, "admin_key", "", ""),
+        store=_store(r, d),
+        limits=limits_backend, limit_settings=limit_settings, prices=_prices(r, d.get("prices")),
+        key_cache_s=r.num(d, "key_cache_s", "", Config.key_cache_s) or 0.0,
+        admin_key=_admin_key(r, d),
         keys=keys, channels=channels, routes=routes, router=router,
         max_body_bytes=int(r.int_(d, "max_body_bytes", "", Config.max_body_bytes) or 0),
         shutdown_grace_s=r.num(d, "shutdown_grace_s", "", Config.shutdown_grace_s) or 0.0,
+        observability=_observability(r, d.get("observability")),
         source=source,
     )
 
@@ -325,5 +505,6 @@ def demo_config() -> Config:
         channels=(ChannelConfig(name="echo", provider="echo", base_url="",
                                 models={"echo": "echo", "echo-image": "echo-image"},
                                 owned_by="switchboard-demo"),),
+        store="sqlite://:memory:",  # the demo leaves no file behind
         source="<demo>",
     )

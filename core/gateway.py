@@ -1,7 +1,8 @@
 """The request pipeline both surfaces share: authenticate → validate → check model access
-→ route → record usage. The gRPC servicers (core/service.py) and the in-process façade
-transport call exactly these methods with the same messages, so REST and gRPC get
-the same answers, errors, limits and usage records.
+→ reserve limits (core/limits.py) → route → settle limits and record usage. The gRPC
+servicers (core/service.py) and the in-process façade transport call exactly these
+methods with the same messages, so REST and gRPC get the same answers, errors, limits
+and usage records.
 
 Every failure leaves as a GatewayError; an unexpected exception is logged with the
 request id and becomes INTERNAL without its stack reaching the client.
@@ -20,7 +21,11 @@ import grpc
 
 from core.config import Config
 from core.errors import GatewayError, invalid, model_not_found
-from core.keys import KeyRecord, KeyRing, check_model_allowed
+from core.keys import KeyRecord, KeyRing, check_client_network, check_model_allowed
+from core.ledger import PriceTable
+from core.limits import Limits, MemoryBackend, Ticket
+from core.logs import update_secrets
+from core.observe import Observer, observed, observed_stream
 from core.providers.base import HttpPool
 from core.router import Outcome, Router
 from core.usage import MemoryUsageSink, UsageRecord, UsageSink
@@ -38,6 +43,7 @@ class CallContext:
     surface: str  # "rest" | "grpc"
     deadline: float | None = None  # event-loop time; None = no caller deadline
     peer: str = ""
+    traceparent: str = ""  # W3C trace context from the caller (REST header / gRPC metadata)
 
 
 def new_request_id() -> str:
@@ -73,22 +79,56 @@ def _validate_chat(p: pb.ChatCompletionParams) -> None:
 
 class Gateway:
     def __init__(self, config: Config, *, usage: UsageSink | None = None,
-                 keyring: KeyRing | None = None, http: HttpPool | None = None) -> None:
+                 keyring: KeyRing | None = None, http: HttpPool | None = None,
+                 limits: Limits | None = None, store: object | None = None) -> None:
         self.config = config
+        # Limits reserve before routing and settle after (core/limits.py); `store` is the
+        # key store + ledger database (core/store) when the runtime opened one.
+        self.limits = limits or Limits(MemoryBackend(), config.limit_settings,
+                                       PriceTable(config.prices))
+        self.store = store
         self.http = http or HttpPool()
         self.keys = keyring or KeyRing(config.keys)
         self.router = Router(config, self.http)
         self.usage: UsageSink = usage if usage is not None else MemoryUsageSink()
         self.created = int(time.time())
+        # Metrics, access logs and traces (core/observe.py); the router calls it per attempt.
+        self.observer = Observer(config, known_model=lambda m: self.router.knows(m),
+                                 circuit_source=self._circuit_states)
+        self.router.attempt_hook = self.observer.attempt
+        update_secrets(config)
+
+    async def _circuit_states(self) -> list[tuple[str, str]]:
+        return [(c.name, await self.router.breaker.state(c.name)) for c in self.config.channels]
+
+    def reload(self, config: Config) -> None:
+        """Serve `config`'s channels, keys, routes and router settings from now on.
+
+        Everything new is built before anything is swapped, so a config that fails to
+        build leaves the old one serving. Requests already running keep the router they
+        started with (streams are not dropped); circuit state carries over by channel
+        name. Listen addresses, store and limits backends need a restart."""
+        router = Router(config, self.http, breaker=self.router.breaker, drain=self.router.drain)
+        router.attempt_hook = self.observer.attempt
+        # Static keys are swapped in place; a store-backed ring keeps its stored keys.
+        self.keys.reload_static(config.keys)
+        update_secrets(config)
+        self.config, self.router = config, router
 
     async def close(self) -> None:
+        await self.observer.close()
         await self.usage.close()
+        await self.limits.close()
+        if self.store is not None:
+            await self.store.close()  # type: ignore[attr-defined]
+        await self.router.close()  # the circuit breaker's Redis connection, if any
         await self.http.close()
 
     # ----------------------------------------------------------- helpers ----
 
     async def _admit(self, ctx: CallContext, model: str) -> KeyRecord:
         key = await self.keys.authenticate(ctx.api_key)
+        check_client_network(key, ctx.peer)
         if not model:
             raise invalid("you must provide a model parameter", "model")
         if not self.router.knows(model):
@@ -98,7 +138,7 @@ class Gateway:
 
     def _record(self, ctx: CallContext, key: KeyRecord | None, model: str, started: float,
                 outcome: Outcome, usage: pb.Usage | None, status: grpc.StatusCode,
-                stream: bool) -> None:
+                stream: bool, ticket: Ticket | None = None) -> None:
         loop_now = asyncio.get_running_loop().time()
         rec = UsageRecord(
             request_id=ctx.request_id, key_name=key.name if key else "", model=model,
@@ -107,11 +147,12 @@ class Gateway:
             ttft_ms=(outcome.first_token_at - started) * 1000.0
             if outcome.first_token_at is not None else None,
         )
-        if usage is not None:
-            rec.prompt_tokens = usage.prompt_tokens
-            rec.completion_tokens = usage.completion_tokens
-            rec.cached_tokens = usage.prompt_tokens_details.cached_tokens
-            rec.reasoning_tokens = usage.completion_tokens_details.reasoning_tokens
+        if key is not None:
+            rec.key_id = key.key_id
+        # Tokens (real, or estimated when the upstream sent none), cost, and settling
+        # the reservation to them.
+        self.limits.finish(ticket, rec, usage)
+        self.observer.record(rec)
         self.usage.record(rec)
 
     def _internal(self, ctx: CallContext, exc: BaseException) -> GatewayError:
@@ -121,32 +162,43 @@ class Gateway:
 
     # ------------------------------------------------------------- calls ----
 
+    @observed("chat")
     async def chat(self, req: pb.CreateChatCompletionRequest,
                    ctx: CallContext) -> pb.CreateChatCompletionResponse:
         started = asyncio.get_running_loop().time()
         params = req.params
         key: KeyRecord | None = None
+        ticket: Ticket | None = None
         outcome = Outcome()
         try:
             key = await self._admit(ctx, params.model)
             _validate_chat(params)
+            ticket = await self.limits.reserve_chat(key, params, ctx.request_id)
             resp = await self.router.chat(params, ctx.deadline, outcome)
         except GatewayError as err:
             if key is not None:
-                self._record(ctx, key, params.model, started, outcome, None, err.status, False)
+                self._record(ctx, key, params.model, started, outcome, None, err.status, False,
+                             ticket)
             raise
         except asyncio.CancelledError:
             if key is not None:
                 self._record(ctx, key, params.model, started, outcome, None,
-                             grpc.StatusCode.CANCELLED, False)
+                             grpc.StatusCode.CANCELLED, False, ticket)
             raise
         except Exception as exc:
+            if key is not None:
+                self._record(ctx, key, params.model, started, outcome, None,
+                             grpc.StatusCode.INTERNAL, False, ticket)
             raise self._internal(ctx, exc) from None
         outcome.first_token_at = asyncio.get_running_loop().time()
-        self._record(ctx, key, params.model, started, outcome, resp.usage, grpc.StatusCode.OK,
-                     False)
+        if ticket is not None:
+            ticket.observe(resp)
+        self._record(ctx, key, params.model, started, outcome,
+                     resp.usage if resp.HasField("usage") else None, grpc.StatusCode.OK,
+                     False, ticket)
         return resp
 
+    @observed_stream("chat")
     async def stream_chat(self, req: pb.StreamChatCompletionRequest,
                           ctx: CallContext) -> AsyncIterator[pb.StreamChatCompletionResponse]:
         """Relays the upstream chunks. A chunk carrying finish reasons is held until the
@@ -154,6 +206,7 @@ class Gateway:
         started = asyncio.get_running_loop().time()
         params = req.params
         key: KeyRecord | None = None
+        ticket: Ticket | None = None
         outcome = Outcome()
         usage: pb.Usage | None = None
         status = grpc.StatusCode.OK
@@ -161,7 +214,9 @@ class Gateway:
         try:
             key = await self._admit(ctx, params.model)
             _validate_chat(params)
+            ticket = await self.limits.reserve_chat(key, params, ctx.request_id)
             async for chunk in self.router.stream(params, ctx.deadline, outcome):
+                ticket.observe(chunk)
                 if chunk.HasField("usage"):
                     usage = chunk.usage
                     if held is not None and not chunk.choices:
@@ -187,7 +242,8 @@ class Gateway:
             raise self._internal(ctx, exc) from None
         finally:
             if key is not None:
-                self._record(ctx, key, params.model, started, outcome, usage, status, True)
+                self._record(ctx, key, params.model, started, outcome, usage, status, True,
+                             ticket)
 
     async def list_models(self, req: pb.ListModelsRequest,
                           ctx: CallContext) -> pb.ListModelsResponse:
@@ -205,10 +261,12 @@ class Gateway:
                                                           owned_by=owner))
         raise model_not_found(req.model)
 
+    @observed("generate_content")
     async def create_image(self, req: pb.CreateImageRequest,
                            ctx: CallContext) -> pb.CreateImageResponse:
         started = asyncio.get_running_loop().time()
         key: KeyRecord | None = None
+        ticket: Ticket | None = None
         outcome = Outcome()
         try:
             key = await self._admit(ctx, req.model)
@@ -218,14 +276,24 @@ class Gateway:
                 raise invalid(f"n must be between 1 and 10, got {req.n}", "n")
             if req.HasField("response_format") and req.response_format not in ("url", "b64_json"):
                 raise invalid("response_format must be url or b64_json", "response_format")
+            ticket = await self.limits.reserve_image(key, req, ctx.request_id)
             resp = await self.router.create_image(req, ctx.deadline, outcome)
         except GatewayError as err:
             if key is not None:
-                self._record(ctx, key, req.model, started, outcome, None, err.status, False)
+                self._record(ctx, key, req.model, started, outcome, None, err.status, False,
+                             ticket)
             raise
         except asyncio.CancelledError:
+            if key is not None:
+                self._record(ctx, key, req.model, started, outcome, None,
+                             grpc.StatusCode.CANCELLED, False, ticket)
             raise
         except Exception as exc:
+            if key is not None:
+                self._record(ctx, key, req.model, started, outcome, None,
+                             grpc.StatusCode.INTERNAL, False, ticket)
             raise self._internal(ctx, exc) from None
-        self._record(ctx, key, req.model, started, outcome, resp.usage, grpc.StatusCode.OK, False)
+        self._record(ctx, key, req.model, started, outcome,
+                     resp.usage if resp.HasField("usage") else None, grpc.StatusCode.OK, False,
+                     ticket)
         return resp

@@ -7,9 +7,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from core.admin import AdminAPI, AdminServicer
 from core.gateway import Gateway
 from core.service import InferenceServicer
-from switchboard.v1 import inference_pb2, inference_pb2_grpc
+from switchboard.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -23,10 +24,12 @@ def build_grpc_server(gateway: Gateway, address: str, *, reuse_port: bool = Fals
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(gateway), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(AdminAPI(gateway)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_names = (
         inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+        admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )

@@ -25,7 +25,8 @@ def call_context(context: grpc.aio.ServicerContext) -> CallContext:
     rid = md.get("x-request-id") or new_request_id()
     surface = "rest" if md.get("x-switchboard-surface") == "rest" else "grpc"
     return CallContext(api_key=bearer_token(md.get("authorization")), request_id=rid[:128],
-                       surface=surface, deadline=deadline, peer=context.peer() or "")
+                       surface=surface, deadline=deadline, peer=context.peer() or "",
+                       traceparent=md.get("traceparent", ""))
 
 
 async def abort(context: grpc.aio.ServicerContext, err: GatewayError, rid: str) -> NoReturn:

@@ -1,6 +1,6 @@
 """Usage records: one per request, whichever surface it came from, written off the hot
-path. `MemoryUsageSink` keeps recent records in a bounded buffer (the embedded
-default); the ledger in core/store writes them to SQL in batches."""
+path. `MemoryUsageSink` keeps recent records in a bounded buffer (tests, and stacks
+built without a store); core/ledger.py writes them to the SQL store in batches."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class UsageRecord:
     estimated: bool = False
     stream: bool = False
     ts: float = field(default_factory=time.time)
+    key_id: str = ""  # store key id, or "static:<name>" for config keys
 
 
 class UsageSink(Protocol):

@@ -4,7 +4,10 @@ and writes the reply or the mapped error. No routing, auth or provider logic her
 
 Headers: `Authorization: Bearer <key>`; `X-Request-Id` (echoed, or generated; on
 every response); `X-Switchboard-Timeout: <seconds>` sets a deadline for the request,
-like a gRPC deadline (the shorter of it and the channel's timeouts wins).
+like a gRPC deadline (the shorter of it and the channel's timeouts wins); a W3C
+`traceparent` header becomes the parent of the request's trace span.
+
+Operations endpoints (no auth; docs/operations.md): GET /healthz, /readyz, /metrics.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import grpc
 import orjson
@@ -22,12 +26,23 @@ from core.errors import GatewayError, invalid
 from core.gateway import CallContext, new_request_id
 from core.keys import bearer_token
 from facade import openai_json as oj
+from facade.admin_routes import add_admin_routes
 from facade.transport import Transport
 from switchboard.v1 import inference_pb2 as pb
 
 log = logging.getLogger("switchboard.facade")
 
+
+class Ops(Protocol):
+    """What the operations endpoints need (built by core/runtime.py)."""
+
+    async def ready(self) -> tuple[bool, dict[str, str]]: ...
+
+    async def metrics(self) -> tuple[bytes, str]: ...
+
+
 TRANSPORT = web.AppKey("transport", Transport)
+OPS = web.AppKey("ops", Ops)
 RID = web.RequestKey("rid", str)
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _JSON = "application/json"
@@ -57,7 +72,7 @@ def _context(request: web.Request, rid: str) -> CallContext:
         deadline = asyncio.get_running_loop().time() + seconds
     return CallContext(api_key=bearer_token(request.headers.get("authorization")),
                        request_id=rid, surface="rest", deadline=deadline,
-                       peer=request.remote or "")
+                       peer=request.remote or "", traceparent=request.headers.get("traceparent", ""))
 
 
 def _json(data: object, rid: str, status: int = 200) -> web.Response:
@@ -143,19 +158,22 @@ async def _relay_stream(request: web.Request, chunks: object, rid: str,
         first = None
     resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": rid})
     await resp.prepare(request)
+    write, dumps, chunk_json = resp.write, orjson.dumps, oj.chunk_json  # per-chunk loop
     try:
-        chunk = first
-        while chunk is not None:
-            if chunk.choices or not chunk.HasField("usage"):
-                await resp.write(b"data: " + orjson.dumps(oj.chunk_json(chunk, include_usage))
-                                 + b"\n\n")
-            if include_usage and chunk.HasField("usage"):
-                await resp.write(b"data: " + orjson.dumps(oj.usage_chunk_json(chunk)) + b"\n\n")
-            try:
-                chunk = await it.__anext__()
-            except StopAsyncIteration:
-                chunk = None
-        await resp.write(_DONE)
+        if first is not None:
+            chunk = first
+            while True:
+                has_usage = chunk.HasField("usage")
+                if chunk.choices or not has_usage:
+                    # one write per event: relayed as it arrives, never batched
+                    await write(b"data: " + dumps(chunk_json(chunk, include_usage)) + b"\n\n")
+                if include_usage and has_usage:
+                    await write(b"data: " + dumps(oj.usage_chunk_json(chunk)) + b"\n\n")
+                try:
+                    chunk = await it.__anext__()
+                except StopAsyncIteration:
+                    break
+        await write(_DONE)
     except GatewayError as err:
         await resp.write(b"data: " + oj.error_json(err) + b"\n\n")
     finally:
@@ -183,12 +201,46 @@ async def images_generations(request: web.Request) -> web.StreamResponse:
     return _json(oj.image_response_json(resp), rid)
 
 
-def create_app(transport: Transport, *, max_body_bytes: int = 20 * 1024 * 1024
-               ) -> web.Application:
+# ---- operations endpoints: the answers come from core/health.py and core/metrics.py ----
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    return _json({"status": "ok"}, request[RID])
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    ready, checks = await request.app[OPS].ready()
+    return _json({"status": "ready" if ready else "not ready", "checks": checks}, request[RID],
+                 200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    body, content_type = await request.app[OPS].metrics()
+    return web.Response(body=body, headers={"content-type": content_type})
+
+
+def add_ops_routes(app: web.Application, ops: Ops) -> None:
+    app[OPS] = ops
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+
+
+def create_ops_app(ops: Ops) -> web.Application:
+    """Only /healthz, /readyz and /metrics (for `switchboard core --http ADDR`)."""
+    app = web.Application(middlewares=[errors_middleware])
+    add_ops_routes(app, ops)
+    return app
+
+
+def create_app(transport: Transport, *, max_body_bytes: int = 20 * 1024 * 1024,
+               ops: Ops | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
     app[TRANSPORT] = transport
+    if ops is not None:
+        add_ops_routes(app, ops)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_post("/v1/images/generations", images_generations)
+    add_admin_routes(app, transport)
     return app

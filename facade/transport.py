@@ -53,6 +53,8 @@ class GrpcTransport:
     @staticmethod
     def _call_args(ctx: CallContext) -> dict[str, object]:
         md = [("x-request-id", ctx.request_id), ("x-switchboard-surface", ctx.surface)]
+        if ctx.traceparent:
+            md.append(("traceparent", ctx.traceparent))
         if ctx.api_key:
             md.append(("authorization", f"Bearer {ctx.api_key}"))
         timeout = None

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from core.config import ChannelConfig
 from switchboard.v1 import inference_pb2 as pb
@@ -86,6 +87,9 @@ class HttpPool:
             connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
             self._session = aiohttp.ClientSession(
                 connector=connector,
+                # Upstream APIs authenticate by header; a cookie jar would only cost a
+                # filter and an update on every request.
+                cookie_jar=aiohttp.DummyCookieJar(),
                 json_serialize=lambda o: orjson.dumps(o).decode(),
                 auto_decompress=True,
                 skip_auto_headers=("User-Agent",),
@@ -110,6 +114,19 @@ class ProviderClient:
             total=None, connect=channel.timeouts.connect or None,
             sock_connect=channel.timeouts.connect or None,
         )
+        self._urls: dict[str, URL] = {}  # parsed once: yarl parsing is per-request work
+
+    def _url_of(self, url: str) -> URL | str:
+        parsed = self._urls.get(url)
+        if parsed is None:
+            try:
+                parsed = URL(url)  # as aiohttp would parse it
+            except ValueError:
+                return url  # aiohttp raises its own InvalidUrlClientError for it
+            if len(self._urls) >= 256:  # URLs vary only by model; bound it anyway
+                self._urls.clear()
+            self._urls[url] = parsed
+        return parsed
 
     async def chat(self, params: pb.ChatCompletionParams,
                    model: str) -> pb.CreateChatCompletionResponse:
@@ -139,7 +156,8 @@ class ProviderClient:
         """
         try:
             resp = await self.http.session().post(
-                url, data=orjson.dumps(body), headers={**headers, **self.channel.headers},
+                self._url_of(url), data=orjson.dumps(body),
+                headers={**headers, **self.channel.headers} if self.channel.headers else headers,
                 timeout=self.timeout)
         except TimeoutError:
             raise UpstreamError(f"connect timeout after {self.channel.timeouts.connect:g}s",
@@ -183,13 +201,15 @@ async def iter_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     try:
         buf = b""
         async for data in resp.content.iter_any():
-            buf += data
-            while True:
-                nl = buf.find(b"\n")
+            buf = buf + data if buf else data
+            start = 0
+            while True:  # index, not re-slice: a burst of lines stays linear
+                nl = buf.find(b"\n", start)
                 if nl < 0:
                     break
-                yield buf[:nl].rstrip(b"\r")
-                buf = buf[nl + 1:]
+                yield buf[start:nl].rstrip(b"\r")
+                start = nl + 1
+            buf = buf[start:]
         if buf:
             yield buf
     except aiohttp.ClientPayloadError as exc:
@@ -201,19 +221,46 @@ async def iter_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
 
 
 async def iter_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, bytes]]:
-    """Server-sent events as (event name, data) pairs; comments and keep-alives skipped."""
+    """Server-sent events as (event name, data) pairs; comments and keep-alives skipped.
+
+    Parses lines straight off the body rather than through `iter_lines`: one async
+    generator hop per event instead of one per line (two lines per event) plus one.
+    """
     event = ""
     data: list[bytes] = []
-    async for line in iter_lines(resp):
-        if not line:
-            if data:
-                yield event, b"\n".join(data)
-            event, data = "", []
-        elif line.startswith(b"data:"):
-            data.append(line[6:] if line[5:6] == b" " else line[5:])
-        elif line.startswith(b"event:"):
-            event = line[6:].strip().decode()
-        # ':' comments, id:, retry: are ignored
+    rest = b""
+    try:
+        async for received in resp.content.iter_any():
+            buf = rest + received if rest else received
+            start = 0
+            while True:
+                nl = buf.find(b"\n", start)
+                if nl < 0:
+                    break
+                line = buf[start:nl]
+                start = nl + 1
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if not line:
+                    if data:
+                        yield event, data[0] if len(data) == 1 else b"\n".join(data)
+                    event, data = "", []
+                elif line.startswith(b"data:"):
+                    data.append(line[6:] if line[5:6] == b" " else line[5:])
+                elif line.startswith(b"event:"):
+                    event = line[6:].strip().decode()
+                # ':' comments, id:, retry: are ignored
+            rest = buf[start:]
+    except aiohttp.ClientPayloadError as exc:
+        raise UpstreamError(f"upstream stream broke: {type(exc).__name__}", retryable=True,
+                            kind="stream") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"upstream connection lost: {type(exc).__name__}", retryable=True,
+                            kind="stream") from None
+    if rest.endswith(b"\r"):
+        rest = rest[:-1]
+    if rest.startswith(b"data:"):  # a last line without its newline
+        data.append(rest[6:] if rest[5:6] == b" " else rest[5:])
     if data:
         yield event, b"\n".join(data)
 
