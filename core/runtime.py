@@ -174,10 +174,15 @@ class Runtime:
             return
         drained = asyncio.ensure_future(asyncio.gather(*stops))
         done, _ = await asyncio.wait([drained], timeout=grace)
-        if not done and self.gateway is not None:
-            n = self.gateway.router.abort_inflight(GatewayError(
+        if not done:
+            error = GatewayError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"The server is shutting down and the request did not finish within the "
-                f"{grace:g}s drain period; retry it.", code="server_shutting_down"))
+                f"{grace:g}s drain period; retry it.", code="server_shutting_down")
+            n = 0
+            if self.gateway is not None:
+                n = self.gateway.router.abort_inflight(error)
+            elif isinstance(self.transport, GrpcTransport):
+                n = self.transport.abort_inflight(error)
             log.warning("drain period over: ended %d in-flight request(s)", n)
         await drained

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
@@ -46,6 +46,8 @@ class GrpcTransport:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ])
         self.stub = pb_grpc.InferenceServiceStub(self.channel)
+        self._calls: set[Any] = set()
+        self._abort: GatewayError | None = None
 
     async def close(self) -> None:
         await self.channel.close()
@@ -62,40 +64,64 @@ class GrpcTransport:
             timeout = max(0.001, ctx.deadline - asyncio.get_running_loop().time())
         return {"metadata": tuple(md), "timeout": timeout}
 
+    def abort_inflight(self, error: GatewayError) -> int:
+        """End every call still open with `error` (the drain period of a façade-only
+        process is over): open SSE streams get it as their final error event."""
+        self._abort = error
+        for call in list(self._calls):
+            call.cancel()
+        return len(self._calls)
+
+    def _failure(self, exc: BaseException) -> GatewayError | None:
+        """The GatewayError for a failed call; None for a plain cancellation."""
+        if isinstance(exc, grpc.aio.AioRpcError):
+            return GatewayError.from_rpc_error(exc)
+        a = self._abort
+        if a is None:
+            return None  # the client went away: stay a cancellation
+        # A fresh instance per call: one shared exception would collect every traceback.
+        return GatewayError(a.status, a.message, code=a.code)
+
+    async def _unary(self, method: Any, req: Any, ctx: CallContext) -> Any:
+        call = method(req, **self._call_args(ctx))
+        self._calls.add(call)
+        try:
+            return await call
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            err = self._failure(exc)
+            if err is None:
+                raise
+            raise err from None
+        finally:
+            self._calls.discard(call)
+
     async def chat(self, req: pb.CreateChatCompletionRequest,
                    ctx: CallContext) -> pb.CreateChatCompletionResponse:
-        try:
-            return await self.stub.CreateChatCompletion(req, **self._call_args(ctx))
-        except grpc.aio.AioRpcError as err:
-            raise GatewayError.from_rpc_error(err) from None
+        return await self._unary(self.stub.CreateChatCompletion, req, ctx)
 
     async def stream_chat(self, req: pb.StreamChatCompletionRequest,
                           ctx: CallContext) -> AsyncIterator[pb.StreamChatCompletionResponse]:
         call = self.stub.StreamChatCompletion(req, **self._call_args(ctx))
+        self._calls.add(call)
         try:
             async for msg in call:
                 yield msg
-        except grpc.aio.AioRpcError as err:
-            raise GatewayError.from_rpc_error(err) from None
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            err = self._failure(exc)
+            if err is None:
+                raise
+            raise err from None
         finally:
+            self._calls.discard(call)
             call.cancel()  # no-op when finished; cancels the core's work when we stop early
 
     async def list_models(self, req: pb.ListModelsRequest,
                           ctx: CallContext) -> pb.ListModelsResponse:
-        try:
-            return await self.stub.ListModels(req, **self._call_args(ctx))
-        except grpc.aio.AioRpcError as err:
-            raise GatewayError.from_rpc_error(err) from None
+        return await self._unary(self.stub.ListModels, req, ctx)
 
     async def get_model(self, req: pb.GetModelRequest, ctx: CallContext) -> pb.GetModelResponse:
-        try:
-            return await self.stub.GetModel(req, **self._call_args(ctx))
-        except grpc.aio.AioRpcError as err:
-            raise GatewayError.from_rpc_error(err) from None
+        return await self._unary(self.stub.GetModel, req, ctx)
 
     async def create_image(self, req: pb.CreateImageRequest,
                            ctx: CallContext) -> pb.CreateImageResponse:
-        try:
-            return await self.stub.CreateImage(req, **self._call_args(ctx))
-        except grpc.aio.AioRpcError as err:
-            raise GatewayError.from_rpc_error(err) from None
+        return await self._unary(self.stub.CreateImage, req, ctx)

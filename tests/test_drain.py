@@ -199,3 +199,55 @@ async def test_sigterm_with_nothing_in_flight_exits_at_once(tmp_path: Path) -> N
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_facade_only_process_ends_open_streams_with_an_error_event(tmp_path: Path) -> None:
+    """`switchboard facade` apart from its core: on SIGTERM its own open streams get the
+    `server_shutting_down` event after the grace period, not a bare close."""
+    cfg = tmp_path / "switchboard.yaml"
+    cfg.write_text("channels:\n  - {name: echo, provider: echo, models: [echo], options: {delay_ms: 400}}\n"
+                   f"keys: [{{name: test, key: {TEST_KEY}}}]\nshutdown_grace_s: 1\n")
+    core = await asyncio.create_subprocess_exec(
+        SWITCHBOARD, "core", "--config", str(cfg), "--grpc", "127.0.0.1:0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=tmp_path)
+    assert core.stdout is not None
+    grpc_addr = re.search(r"grpc=(\S+)", (await asyncio.wait_for(core.stdout.readline(), 20)).decode())
+    assert grpc_addr
+    facade = await asyncio.create_subprocess_exec(
+        SWITCHBOARD, "facade", "--config", str(cfg), "--core", grpc_addr.group(1), "--http", "127.0.0.1:0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=tmp_path)
+    assert facade.stdout is not None
+    http_addr = re.search(r"http=(\S+)", (await asyncio.wait_for(facade.stdout.readline(), 20)).decode())
+    assert http_addr
+    try:
+        async with aiohttp.ClientSession() as http:
+            started = asyncio.Event()
+            body = " ".join(["word"] * 40)  # 40 words x 0.4 s: far longer than the grace
+            stream = asyncio.ensure_future(_rest_stream_text(http, http_addr.group(1), body, started))
+            await asyncio.wait_for(started.wait(), 10)
+            facade.send_signal(signal.SIGTERM)
+            events = await asyncio.wait_for(stream, 10)
+        last = events[-1]
+        assert isinstance(last, dict) and last["error"]["code"] == "server_shutting_down", events  # type: ignore[index]
+        assert "[DONE]" not in events
+        assert await asyncio.wait_for(facade.wait(), 10) == 0
+    finally:
+        for p in (facade, core):
+            if p.returncode is None:
+                p.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(p.wait(), 10)
+
+
+async def _rest_stream_text(http: aiohttp.ClientSession, addr: str, text: str,
+                            started: asyncio.Event) -> list[dict[str, object] | str]:
+    events: list[dict[str, object] | str] = []
+    async with http.post(f"http://{addr}/v1/chat/completions",
+                         headers={"authorization": f"Bearer {TEST_KEY}"},
+                         json={"model": "echo", "stream": True,
+                               "messages": [{"role": "user", "content": text}]}) as resp:
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                payload = line[6:].strip()
+                events.append("[DONE]" if payload == b"[DONE]" else json.loads(payload))
+                started.set()
+    return events
