@@ -589,8 +589,11 @@ class Limits:
         if t.spec is None:
             return
         actual = rec.prompt_tokens + rec.completion_tokens
-        task = asyncio.get_running_loop().create_task(self._settle(
-            t, actual, _budget_units(t.key, actual, rec.cost)))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a stream finalised after its loop ended: leases expire alone
+            return
+        task = loop.create_task(self._settle(t, actual, _budget_units(t.key, actual, rec.cost)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
