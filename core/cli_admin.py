@@ -59,9 +59,9 @@ def register(sub: Any) -> None:
     ls.add_argument("--owner", default="")
     ls.add_argument("--all", action="store_true", help="include revoked keys")
     g = ks.add_parser("get", parents=[common], help="show one key")
-    g.add_argument("id")
+    g.add_argument("id", help="key id, or the key's name when only one key has it")
     r = ks.add_parser("revoke", parents=[common], help="revoke a key for good")
-    r.add_argument("id")
+    r.add_argument("id", help="key id, or the key's name when only one key has it")
     u = sub.add_parser("usage", parents=[common], help="usage totals from the ledger (admin API)")
     u.add_argument("--key", default="", help="key id")
     u.add_argument("--model", default="")
@@ -130,6 +130,20 @@ def run_admin(a: argparse.Namespace) -> int:
             return 1
 
 
+def _resolve_key(stub: apb_grpc.AdminServiceStub, md: Any, ident: str) -> str:
+    """Operators think in names: accept a key's name when exactly one live key has it."""
+    if ident.startswith("key_"):
+        return ident
+    keys = stub.ListKeys(apb.ListKeysRequest(), metadata=md, timeout=30).keys
+    matches = [k.id for k in keys if k.name == ident]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise SystemExit(f"switchboard: {len(matches)} keys are named {ident!r}; give the id "
+                         f"({', '.join(matches)})")
+    return ident  # let the server say it does not exist
+
+
 def _dispatch(a: argparse.Namespace, stub: apb_grpc.AdminServiceStub, md: Any) -> int:
     if a.cmd == "usage":
         req = apb.QueryUsageRequest(key_id=a.key, model=a.model, period={
@@ -156,10 +170,11 @@ def _dispatch(a: argparse.Namespace, stub: apb_grpc.AdminServiceStub, md: Any) -
                            metadata=md, timeout=30)
         _print(ks, a.json, "\n".join(_key_line(k) for k in ks.keys) or "(no keys)")
         return 0
+    key_id = _resolve_key(stub, md, a.id)
     if a.keys_cmd == "get":
-        gk = stub.GetKey(apb.GetKeyRequest(id=a.id), metadata=md, timeout=30)
+        gk = stub.GetKey(apb.GetKeyRequest(id=key_id), metadata=md, timeout=30)
         _print(gk, a.json, _key_line(gk.key))
         return 0
-    rk = stub.RevokeKey(apb.RevokeKeyRequest(id=a.id), metadata=md, timeout=30)
+    rk = stub.RevokeKey(apb.RevokeKeyRequest(id=key_id), metadata=md, timeout=30)
     _print(rk, a.json, f"revoked {rk.key.id} ({rk.key.name})")
     return 0

@@ -220,8 +220,10 @@ async def test_cli_keys_and_usage(admin: Admin) -> None:
     assert secret not in out
     code, out, _ = await _cli("usage", "--period", "day", *server)
     assert code == 0 and "cli-key" in out and "echo" in out
-    code, out, _ = await _cli("keys", "revoke", key_id, *server)
-    assert code == 0 and "revoked" in out
+    code, out, _ = await _cli("keys", "get", key_id, *server)
+    assert code == 0 and "cli-key" in out
+    code, out, _ = await _cli("keys", "revoke", "cli-key", *server)  # by name: it is unique
+    assert code == 0 and f"revoked {key_id}" in out
     assert (await _chat(admin.http, secret)).status_code == 401
     code, _, err = await _cli("keys", "list", *server, admin_key="wrong-admin-key")
     assert code == 1 and "UNAUTHENTICATED" in err
