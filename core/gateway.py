@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -47,7 +47,8 @@ class CallContext:
 
 
 def new_request_id() -> str:
-    return f"req_{uuid.uuid4().hex}"
+    # 128 random bits as 32 hex digits, like uuid4().hex but 5× cheaper (hot path).
+    return f"req_{os.urandom(16).hex()}"
 
 
 def _validate_chat(p: pb.ChatCompletionParams) -> None:
