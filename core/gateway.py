@@ -14,8 +14,9 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 
@@ -44,6 +45,18 @@ class CallContext:
     deadline: float | None = None  # event-loop time; None = no caller deadline
     peer: str = ""
     traceparent: str = ""  # W3C trace context from the caller (REST header / gRPC metadata)
+
+
+@dataclass
+class _Call:
+    """What one request has gathered so far, for its usage record whatever the ending."""
+
+    key: KeyRecord | None = None
+    ticket: Ticket | None = None
+    outcome: Outcome = field(default_factory=Outcome)
+
+
+_R = TypeVar("_R", pb.CreateChatCompletionResponse, pb.CreateImageResponse)
 
 
 def new_request_id() -> str:
@@ -163,41 +176,48 @@ class Gateway:
 
     # ------------------------------------------------------------- calls ----
 
+    async def _unary(self, ctx: CallContext, model: str,
+                     run: Callable[[_Call], Awaitable[_R]]) -> _R:
+        """Admit the caller, `run` the call, and record its usage whatever the ending:
+        error, cancellation, a bug (INTERNAL, stack kept out of the reply) or success."""
+        started = asyncio.get_running_loop().time()
+        call = _Call()
+        status = grpc.StatusCode.OK
+        try:
+            call.key = await self._admit(ctx, model)
+            resp = await run(call)
+        except GatewayError as err:
+            status = err.status
+            raise
+        except asyncio.CancelledError:
+            status = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            status = grpc.StatusCode.INTERNAL
+            raise self._internal(ctx, exc) from None
+        finally:
+            if call.key is not None and status != grpc.StatusCode.OK:
+                self._record(ctx, call.key, model, started, call.outcome, None, status, False,
+                             call.ticket)
+        self._record(ctx, call.key, model, started, call.outcome,
+                     resp.usage if resp.HasField("usage") else None, status, False, call.ticket)
+        return resp
+
     @observed("chat")
     async def chat(self, req: pb.CreateChatCompletionRequest,
                    ctx: CallContext) -> pb.CreateChatCompletionResponse:
-        started = asyncio.get_running_loop().time()
         params = req.params
-        key: KeyRecord | None = None
-        ticket: Ticket | None = None
-        outcome = Outcome()
-        try:
-            key = await self._admit(ctx, params.model)
+
+        async def run(call: _Call) -> pb.CreateChatCompletionResponse:
+            assert call.key is not None
             _validate_chat(params)
-            ticket = await self.limits.reserve_chat(key, params, ctx.request_id)
-            resp = await self.router.chat(params, ctx.deadline, outcome)
-        except GatewayError as err:
-            if key is not None:
-                self._record(ctx, key, params.model, started, outcome, None, err.status, False,
-                             ticket)
-            raise
-        except asyncio.CancelledError:
-            if key is not None:
-                self._record(ctx, key, params.model, started, outcome, None,
-                             grpc.StatusCode.CANCELLED, False, ticket)
-            raise
-        except Exception as exc:
-            if key is not None:
-                self._record(ctx, key, params.model, started, outcome, None,
-                             grpc.StatusCode.INTERNAL, False, ticket)
-            raise self._internal(ctx, exc) from None
-        outcome.first_token_at = asyncio.get_running_loop().time()
-        if ticket is not None:
-            ticket.observe(resp)
-        self._record(ctx, key, params.model, started, outcome,
-                     resp.usage if resp.HasField("usage") else None, grpc.StatusCode.OK,
-                     False, ticket)
-        return resp
+            call.ticket = await self.limits.reserve_chat(call.key, params, ctx.request_id)
+            resp = await self.router.chat(params, ctx.deadline, call.outcome)
+            call.outcome.first_token_at = asyncio.get_running_loop().time()
+            call.ticket.observe(resp)
+            return resp
+
+        return await self._unary(ctx, params.model, run)
 
     @observed_stream("chat")
     async def stream_chat(self, req: pb.StreamChatCompletionRequest,
@@ -265,36 +285,15 @@ class Gateway:
     @observed("generate_content")
     async def create_image(self, req: pb.CreateImageRequest,
                            ctx: CallContext) -> pb.CreateImageResponse:
-        started = asyncio.get_running_loop().time()
-        key: KeyRecord | None = None
-        ticket: Ticket | None = None
-        outcome = Outcome()
-        try:
-            key = await self._admit(ctx, req.model)
+        async def run(call: _Call) -> pb.CreateImageResponse:
+            assert call.key is not None
             if not req.prompt:
                 raise invalid("prompt must not be empty", "prompt")
             if req.HasField("n") and not 1 <= req.n <= 10:
                 raise invalid(f"n must be between 1 and 10, got {req.n}", "n")
             if req.HasField("response_format") and req.response_format not in ("url", "b64_json"):
                 raise invalid("response_format must be url or b64_json", "response_format")
-            ticket = await self.limits.reserve_image(key, req, ctx.request_id)
-            resp = await self.router.create_image(req, ctx.deadline, outcome)
-        except GatewayError as err:
-            if key is not None:
-                self._record(ctx, key, req.model, started, outcome, None, err.status, False,
-                             ticket)
-            raise
-        except asyncio.CancelledError:
-            if key is not None:
-                self._record(ctx, key, req.model, started, outcome, None,
-                             grpc.StatusCode.CANCELLED, False, ticket)
-            raise
-        except Exception as exc:
-            if key is not None:
-                self._record(ctx, key, req.model, started, outcome, None,
-                             grpc.StatusCode.INTERNAL, False, ticket)
-            raise self._internal(ctx, exc) from None
-        self._record(ctx, key, req.model, started, outcome,
-                     resp.usage if resp.HasField("usage") else None, grpc.StatusCode.OK, False,
-                     ticket)
-        return resp
+            call.ticket = await self.limits.reserve_image(call.key, req, ctx.request_id)
+            return await self.router.create_image(req, ctx.deadline, call.outcome)
+
+        return await self._unary(ctx, req.model, run)

@@ -48,13 +48,13 @@ async def _serve(tmp_path: Path, config: str) -> tuple[asyncio.subprocess.Proces
 
 
 async def _rest_stream(http: aiohttp.ClientSession, addr: str, model: str,
-                       started: asyncio.Event) -> list[dict[str, object] | str]:
+                       started: asyncio.Event, text: str = "hi") -> list[dict[str, object] | str]:
     """All SSE data payloads of one streamed request ("[DONE]" kept as a string)."""
     events: list[dict[str, object] | str] = []
     async with http.post(f"http://{addr}/v1/chat/completions",
                          headers={"authorization": f"Bearer {TEST_KEY}"},
                          json={"model": model, "stream": True,
-                               "messages": [{"role": "user", "content": "hi"}]}) as resp:
+                               "messages": [{"role": "user", "content": text}]}) as resp:
         assert resp.status == 200
         async for line in resp.content:
             if line.startswith(b"data: "):
@@ -223,7 +223,7 @@ async def test_facade_only_process_ends_open_streams_with_an_error_event(tmp_pat
         async with aiohttp.ClientSession() as http:
             started = asyncio.Event()
             body = " ".join(["word"] * 40)  # 40 words x 0.4 s: far longer than the grace
-            stream = asyncio.ensure_future(_rest_stream_text(http, http_addr.group(1), body, started))
+            stream = asyncio.ensure_future(_rest_stream(http, http_addr.group(1), "echo", started, body))
             await asyncio.wait_for(started.wait(), 10)
             facade.send_signal(signal.SIGTERM)
             events = await asyncio.wait_for(stream, 10)
@@ -237,17 +237,3 @@ async def test_facade_only_process_ends_open_streams_with_an_error_event(tmp_pat
                 p.send_signal(signal.SIGTERM)
                 await asyncio.wait_for(p.wait(), 10)
 
-
-async def _rest_stream_text(http: aiohttp.ClientSession, addr: str, text: str,
-                            started: asyncio.Event) -> list[dict[str, object] | str]:
-    events: list[dict[str, object] | str] = []
-    async with http.post(f"http://{addr}/v1/chat/completions",
-                         headers={"authorization": f"Bearer {TEST_KEY}"},
-                         json={"model": "echo", "stream": True,
-                               "messages": [{"role": "user", "content": text}]}) as resp:
-        async for line in resp.content:
-            if line.startswith(b"data: "):
-                payload = line[6:].strip()
-                events.append("[DONE]" if payload == b"[DONE]" else json.loads(payload))
-                started.set()
-    return events

@@ -196,6 +196,13 @@ class ProviderClient:
                                 kind="malformed") from None
 
 
+def stream_broken(exc: aiohttp.ClientError) -> UpstreamError:
+    """A streamed body that could not be read to its end (cut, reset, bad framing)."""
+    what = "broke" if isinstance(exc, aiohttp.ClientPayloadError) else "connection lost"
+    return UpstreamError(f"upstream stream {what}: {type(exc).__name__}", retryable=True,
+                         kind="stream")
+
+
 async def iter_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     """Lines of a streamed body (without the newline), as they arrive."""
     try:
@@ -212,12 +219,8 @@ async def iter_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
             buf = buf[start:]
         if buf:
             yield buf
-    except aiohttp.ClientPayloadError as exc:
-        raise UpstreamError(f"upstream stream broke: {type(exc).__name__}", retryable=True,
-                            kind="stream") from None
     except aiohttp.ClientError as exc:
-        raise UpstreamError(f"upstream connection lost: {type(exc).__name__}", retryable=True,
-                            kind="stream") from None
+        raise stream_broken(exc) from None
 
 
 async def iter_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, bytes]]:
@@ -251,12 +254,8 @@ async def iter_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, byt
                     event = line[6:].strip().decode()
                 # ':' comments, id:, retry: are ignored
             rest = buf[start:]
-    except aiohttp.ClientPayloadError as exc:
-        raise UpstreamError(f"upstream stream broke: {type(exc).__name__}", retryable=True,
-                            kind="stream") from None
     except aiohttp.ClientError as exc:
-        raise UpstreamError(f"upstream connection lost: {type(exc).__name__}", retryable=True,
-                            kind="stream") from None
+        raise stream_broken(exc) from None
     if rest.endswith(b"\r"):
         rest = rest[:-1]
     if rest.startswith(b"data:"):  # a last line without its newline
