@@ -46,8 +46,8 @@ class GatewayError(Exception):
     """A failure with a place in the error table.
 
     `code` is the OpenAI `error.code` (and the gRPC ErrorInfo reason); `param` names
-    the offending request field; `retry_after` (seconds) and `headers` (HTTP names,
-    e.g. x-ratelimit-*) accompany RESOURCE_EXHAUSTED.
+    the offending request field; `retry_after` (seconds), `headers` (HTTP names,
+    e.g. x-ratelimit-*) and `quota` accompany RESOURCE_EXHAUSTED.
     """
 
     def __init__(
@@ -59,6 +59,7 @@ class GatewayError(Exception):
         param: str | None = None,
         retry_after: float | None = None,
         headers: dict[str, str] | None = None,
+        quota: tuple[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -70,6 +71,9 @@ class GatewayError(Exception):
         self.param = param
         self.retry_after = retry_after
         self.headers = headers or {}
+        # (subject, description) of the limit that refused the request: a gRPC
+        # google.rpc.QuotaFailure violation, e.g. ("key:team-a", "600 requests per minute").
+        self.quota = quota
 
     def __repr__(self) -> str:
         return f"GatewayError({self.status.name}, {self.message!r}, code={self.code!r})"
@@ -109,6 +113,10 @@ class GatewayError(Exception):
                 )
             )
             status.details.add().Pack(retry)
+        if self.quota is not None:
+            failure = error_details_pb2.QuotaFailure()
+            failure.violations.add(subject=self.quota[0], description=self.quota[1])
+            status.details.add().Pack(failure)
         trailers: list[tuple[str, str | bytes]] = [(_DETAILS_KEY, status.SerializeToString())]
         trailers.extend((k.lower(), v) for k, v in self.headers.items())
         return tuple(trailers)

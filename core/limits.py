@@ -37,8 +37,8 @@ must not turn into unlimited spend; "open" admits it without limits and logs a
 warning at most every 10 s. Redis calls time out after `limits.redis_timeout_s`.
 
 A 429 carries Retry-After and OpenAI's x-ratelimit-limit/remaining/reset-requests and
--tokens headers (gRPC: RESOURCE_EXHAUSTED with RetryInfo and the same names as
-trailing metadata); a budget refusal has code `insufficient_quota`.
+-tokens headers (gRPC: RESOURCE_EXHAUSTED with RetryInfo and QuotaFailure details and
+the same names as trailing metadata); a budget refusal has code `insufficient_quota`.
 """
 
 from __future__ import annotations
@@ -557,13 +557,16 @@ class Limits:
                 f"The API key '{key.name}' has used up its {key.budget_period} budget "
                 f"({key.budget:g} {key.budget_unit}).",
                 code="insufficient_quota", headers=headers,
-                retry_after=retry if key.budget_period != "total" else None)
+                retry_after=retry if key.budget_period != "total" else None,
+                quota=(f"key:{key.name}", f"{key.budget:g} {key.budget_unit} per "
+                                          f"{key.budget_period} budget"))
         limit = {RPM: spec.rpm, TPM: spec.tpm, CONCURRENCY: spec.concurrency}[d.status]
         return GatewayError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"Rate limit reached for API key '{key.name}': {limit} {_REASONS[d.status]}. "
             f"Retry after {retry:.1f}s.",
-            code="rate_limit_exceeded", headers=headers, retry_after=retry)
+            code="rate_limit_exceeded", headers=headers, retry_after=retry,
+            quota=(f"key:{key.name}", f"{limit} {_REASONS[d.status]}"))
 
     # ------------------------------------------------------------ settle ----
 

@@ -1,7 +1,7 @@
 """Limits: RPM/TPM sliding windows, concurrency and budgets on the memory backend and on
 a real Redis (atomic Lua); reservation before and settlement after every call, streams
 included; 429s with Retry-After and x-ratelimit-* on REST, RESOURCE_EXHAUSTED with
-RetryInfo on gRPC; fail-closed / fail-open when Redis is unreachable."""
+RetryInfo and QuotaFailure on gRPC; fail-closed / fail-open when Redis is unreachable."""
 
 from __future__ import annotations
 
@@ -243,6 +243,10 @@ keys: [{{name: test, key: {TEST_KEY}, rpm: 2, tpm: 100000}}]
         retry = error_details_pb2.RetryInfo()
         next(d for d in status.details if d.Is(retry.DESCRIPTOR)).Unpack(retry)
         assert retry.retry_delay.seconds + retry.retry_delay.nanos > 0
+        quota = error_details_pb2.QuotaFailure()
+        next(d for d in status.details if d.Is(quota.DESCRIPTOR)).Unpack(quota)
+        assert [(v.subject, v.description) for v in quota.violations] == [
+            ("key:test", "2 requests per minute")]
         # 2 OK + 2 refused requests: every one has its usage record
         assert [r.status for r in stack.usage.records] == [
             "OK", "OK", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"]
