@@ -1,7 +1,7 @@
 """The key store and usage ledger tables, written once for both SQL backends.
 
 `SqlStore` holds every query; a backend (core/store/sqlite.py, core/store/postgres.py)
-only supplies a small `Driver` (execute / fetch / executemany / transaction) and its
+only supplies a small `Driver` (execute / fetch / migration lock) and its
 dialect: placeholders are written `?` here and rewritten to `$n` for PostgreSQL.
 
 Schema migrations: `MIGRATIONS` is an append-only list; `schema_version` holds the
@@ -112,12 +112,11 @@ class Driver(Protocol):
     """What a backend supplies. SQL uses `?` placeholders (rewritten per dialect)."""
 
     serial: str
+    max_params: int  # bound parameters one statement may carry
 
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> int: ...
 
     async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
-
-    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
 
     def migration_lock(self) -> AbstractAsyncContextManager[None]: ...
 
@@ -257,11 +256,20 @@ class SqlStore:
         if not records:
             return
         ids = row_ids if row_ids is not None else [uuid.uuid4().hex for _ in records]
-        cols = ", ".join(_USAGE_COLUMNS)
-        marks = ", ".join("?" for _ in _USAGE_COLUMNS)
-        await self.db.executemany(
-            f"INSERT INTO usage_ledger ({cols}) VALUES ({marks}) ON CONFLICT (row_id) DO NOTHING",
-            [usage_values(i, r) for i, r in zip(ids, records, strict=True)])
+        rows = [usage_values(i, r) for i, r in zip(ids, records, strict=True)]
+        # As few statements as the dialect allows (one per batch, normally), not
+        # executemany: SQLite runs on aiosqlite's thread, and every statement costs that
+        # thread several GIL hand-offs from a busy event loop (up to the 5 ms switch
+        # interval each), which capped the ledger at ~3,000 rows/s under load and tripped
+        # its backpressure. sqlite3's executemany is worse: a hand-off per row.
+        per = max(1, self.db.max_params // len(_USAGE_COLUMNS))
+        group = "(" + ", ".join("?" for _ in _USAGE_COLUMNS) + ")"
+        head = f"INSERT INTO usage_ledger ({', '.join(_USAGE_COLUMNS)}) VALUES "
+        for start in range(0, len(rows), per):
+            chunk = rows[start:start + per]
+            await self.db.execute(
+                head + ", ".join([group] * len(chunk)) + " ON CONFLICT (row_id) DO NOTHING",
+                [v for row in chunk for v in row])
 
     async def usage(self, *, key_id: str = "", model: str = "", since: float | None = None,
                     until: float | None = None, group_by: Sequence[str] = ()) -> list[UsageTotals]:

@@ -45,6 +45,7 @@ def split_schema(dsn: str) -> tuple[str, str]:
 
 class PostgresDriver:
     serial = "BIGSERIAL PRIMARY KEY"
+    max_params = 32767  # the wire protocol's 16-bit parameter count
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -81,10 +82,6 @@ class PostgresDriver:
         else:
             rows = await self.pool.fetch(_dollar(sql), *args)
         return [tuple(r) for r in rows]
-
-    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.executemany(_dollar(sql), [tuple(r) for r in rows])
 
     @asynccontextmanager
     async def migration_lock(self) -> AsyncIterator[None]:

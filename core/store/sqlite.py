@@ -5,6 +5,7 @@ a transaction is opened explicitly. `sqlite:///relative/path.db`,
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,6 +23,8 @@ def sqlite_path(dsn: str) -> str:
 
 class SqliteDriver:
     serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
+    # SQLITE_MAX_VARIABLE_NUMBER: 32766 since SQLite 3.32, 999 before.
+    max_params = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self.conn = conn
@@ -46,15 +49,6 @@ class SqliteDriver:
     async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         async with self.conn.execute(sql, tuple(args)) as cur:
             return [tuple(r) for r in await cur.fetchall()]
-
-    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        await self.conn.execute("BEGIN")
-        try:
-            await self.conn.executemany(sql, [tuple(r) for r in rows])
-        except BaseException:
-            await self.conn.execute("ROLLBACK")
-            raise
-        await self.conn.execute("COMMIT")
 
     @asynccontextmanager
     async def migration_lock(self) -> AsyncIterator[None]:
