@@ -71,7 +71,7 @@ class UsageWriter(Protocol):
 class Ledger:
     """Batched, bounded, off-hot-path writer of usage rows (a UsageSink)."""
 
-    def __init__(self, store: UsageWriter, *, batch_size: int = 500, flush_interval_s: float = 0.2,
+    def __init__(self, store: UsageWriter, *, batch_size: int = 512, flush_interval_s: float = 0.2,
                  max_pending: int = 20_000, close_timeout_s: float = 10.0,
                  spill_path: str | None = None) -> None:
         self.store = store

@@ -40,6 +40,20 @@ def _rec(i: int, key_id: str = "key_a") -> UsageRecord:
                        surface="grpc", prompt_tokens=i, completion_tokens=1)
 
 
+@pytest.mark.parametrize("n", [1, 3, 511, 512, 513, 2049])
+async def test_insert_usage_writes_every_row_once(store: SqlStore, n: int) -> None:
+    """Rows go out as multi-row INSERTs in power-of-two chunks: every count, including
+    ones that straddle a chunk boundary or exceed one statement's parameter limit,
+    lands exactly once, and a retried batch adds nothing."""
+    recs = [_rec(i) for i in range(n)]
+    ids = [f"row-{n}-{i}" for i in range(n)]
+    await store.insert_usage(recs, ids)
+    await store.insert_usage(recs, ids)  # the retry of a batch whose commit did land
+    totals = await store.usage(key_id="key_a")
+    assert sum(t.requests for t in totals) == n
+    assert sum(t.prompt_tokens for t in totals) == n * (n - 1) // 2
+
+
 class FlakyWriter:
     """A database that fails the first `fail` writes, or blocks until `gate` is set."""
 

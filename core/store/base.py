@@ -262,13 +262,19 @@ class SqlStore:
         # thread several GIL hand-offs from a busy event loop (up to the 5 ms switch
         # interval each), which capped the ledger at ~3,000 rows/s under load and tripped
         # its backpressure. sqlite3's executemany is worse: a hand-off per row.
-        per = max(1, self.db.max_params // len(_USAGE_COLUMNS))
+        # Chunk sizes are powers of two: drivers cache prepared statements by their text,
+        # and one cached statement per possible row count grew SQLite's cache by ~45 MiB.
         group = "(" + ", ".join("?" for _ in _USAGE_COLUMNS) + ")"
         head = f"INSERT INTO usage_ledger ({', '.join(_USAGE_COLUMNS)}) VALUES "
-        for start in range(0, len(rows), per):
-            chunk = rows[start:start + per]
+        size = 1 << ((self.db.max_params // len(_USAGE_COLUMNS)).bit_length() - 1)
+        start = 0
+        while start < len(rows):
+            while size > len(rows) - start:
+                size >>= 1
+            chunk = rows[start:start + size]
+            start += size
             await self.db.execute(
-                head + ", ".join([group] * len(chunk)) + " ON CONFLICT (row_id) DO NOTHING",
+                head + ", ".join([group] * size) + " ON CONFLICT (row_id) DO NOTHING",
                 [v for row in chunk for v in row])
 
     async def usage(self, *, key_id: str = "", model: str = "", since: float | None = None,
