@@ -20,7 +20,10 @@ AUTH = (("authorization", f"Bearer {TEST_KEY}"),)
 
 
 def make_config(yaml_text: str, **env: str) -> Config:
-    """A Config from YAML text (goes through the real parser); `keys` defaults to TEST_KEY."""
+    """A Config from YAML text (goes through the real parser); `keys` defaults to TEST_KEY
+    and `store` to an in-memory SQLite database."""
+    if "\nstore:" not in "\n" + yaml_text:
+        yaml_text += '\nstore: "sqlite://:memory:"\n'  # never a file in the working directory
     if "shutdown_grace_s" not in yaml_text:
         yaml_text += "\nshutdown_grace_s: 1\n"  # test stacks stop quickly
     if "\nkeys:" not in "\n" + yaml_text:
