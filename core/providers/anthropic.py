@@ -69,7 +69,7 @@ from typing import Any
 
 import orjson
 
-from core.providers.base import ProviderClient, UpstreamError, iter_sse, loads_event
+from core.providers.base import ProviderClient, UpstreamError, iter_sse, loads_event, message_text
 from switchboard.v1 import inference_pb2 as pb
 
 DEFAULT_VERSION = "2023-06-01"
@@ -146,15 +146,6 @@ def content_blocks(m: pb.Message, param: str) -> list[dict[str, Any]]:
     return out
 
 
-def text_of(m: pb.Message) -> str:
-    kind = m.WhichOneof("content")
-    if kind == "text":
-        return m.text
-    if kind == "parts":
-        return "\n".join(p.text for p in m.parts.parts if p.WhichOneof("part") == "text")
-    return ""
-
-
 def tool_use_blocks(m: pb.Message, i: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(thinking blocks that must open the turn, tool_use blocks with their own thinking)."""
     lead: list[dict[str, Any]] = []
@@ -211,7 +202,7 @@ def tool_result_block(m: pb.Message, i: int) -> dict[str, Any]:
     if m.WhichOneof("content") == "parts":
         block["content"] = content_blocks(m, f"messages[{i}].content")
     else:
-        text = text_of(m)
+        text = message_text(m, "\n")
         if text:
             block["content"] = text
     return block
@@ -223,7 +214,7 @@ def messages_to_wire(messages: Any) -> tuple[list[str], list[dict[str, Any]]]:
     turns: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         if m.role in (pb.ROLE_SYSTEM, pb.ROLE_DEVELOPER):
-            if text := text_of(m):
+            if text := message_text(m, "\n"):
                 system.append(text)
             continue
         if m.role == pb.ROLE_ASSISTANT:

@@ -18,6 +18,17 @@ from core.config import ChannelConfig
 from switchboard.v1 import inference_pb2 as pb
 
 
+def message_text(m: pb.Message, sep: str = " ") -> str:
+    """The text of one of our messages: its string content, or its text parts joined by
+    `sep` (each provider picks the joint its wire format reads best)."""
+    kind = m.WhichOneof("content")
+    if kind == "text":
+        return m.text
+    if kind == "parts":
+        return sep.join(p.text for p in m.parts.parts if p.WhichOneof("part") == "text")
+    return ""
+
+
 class UpstreamError(Exception):
     """An upstream call that failed.
 

@@ -14,21 +14,12 @@ import re
 import time
 from collections.abc import AsyncIterator
 
-from core.providers.base import ProviderClient
+from core.providers.base import ProviderClient, message_text
 from switchboard.v1 import inference_pb2 as pb
 
 _PNG_1x1 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGA"
             "hKmMIQAAAABJRU5ErkJggg==")
 _WORDS = re.compile(r"\S+\s*")
-
-
-def message_text(m: pb.Message) -> str:
-    kind = m.WhichOneof("content")
-    if kind == "text":
-        return m.text
-    if kind == "parts":
-        return " ".join(p.text for p in m.parts.parts if p.WhichOneof("part") == "text")
-    return ""
 
 
 def reply_text(params: pb.ChatCompletionParams) -> str:

@@ -82,7 +82,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 import aiohttp
 import orjson
 
-from core.providers.base import ProviderClient, UpstreamError, iter_sse, loads_event
+from core.providers.base import ProviderClient, UpstreamError, iter_sse, loads_event, message_text
 from switchboard.v1 import inference_pb2 as pb
 
 API_VERSION = "v1beta"
@@ -217,15 +217,6 @@ def _part_to_wire(p: pb.ContentPart, options: dict[str, Any]) -> dict[str, Any] 
     return None
 
 
-def _message_text(m: pb.Message) -> str:
-    kind = m.WhichOneof("content")
-    if kind == "text":
-        return m.text
-    if kind == "parts":
-        return "".join(p.text for p in m.parts.parts if p.WhichOneof("part") == "text")
-    return ""
-
-
 def _content_parts(m: pb.Message, options: dict[str, Any]) -> list[dict[str, Any]]:
     kind = m.WhichOneof("content")
     if kind == "text":
@@ -270,7 +261,7 @@ def _function_response_part(m: pb.Message, calls: dict[str, str], i: int) -> dic
         raise _bad_request(f"messages[{i}] answers tool call {m.tool_call_id!r}, which no earlier "
                            "assistant message made (Gemini needs the function name)",
                            f"messages[{i}].tool_call_id")
-    text = _message_text(m)
+    text = message_text(m, "")
     try:
         parsed = orjson.loads(text)
     except orjson.JSONDecodeError:
