@@ -27,13 +27,13 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
-from core.config import ConfigError
-from core.errors import GatewayError, invalid
-from core.gateway import Gateway
-from core.keys import bearer_token, hash_key
-from core.reload import reload_from_file
-from core.service import abort, call_context
-from core.store import PREFIX_LEN, SqlStore, StoredKey, UsageTotals, new_key_id, new_secret
+from switchboard.core.config import ConfigError
+from switchboard.core.errors import GatewayError, invalid
+from switchboard.core.gateway import Gateway
+from switchboard.core.keys import bearer_token, hash_key
+from switchboard.core.reload import reload_from_file
+from switchboard.core.service import abort, call_context
+from switchboard.core.store import PREFIX_LEN, SqlStore, StoredKey, UsageTotals, new_key_id, new_secret
 from switchboard.v1 import admin_pb2 as apb
 from switchboard.v1 import admin_pb2_grpc as apb_grpc
 

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from core.config import CircuitSettings
+from switchboard.core.config import CircuitSettings
 
 log = logging.getLogger("switchboard.circuit")
 

@@ -1,6 +1,6 @@
 """A small typed Python client for internal services calling Switchboard over gRPC.
 
-    from core.client import Client, user
+    from switchboard.client import Client, user
 
     with Client("switchboard:50051", api_key=os.environ["SWITCHBOARD_KEY"]) as sb:
         reply = sb.chat("gpt-4o", [user("Say hi")])
@@ -26,9 +26,16 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from core.errors import GatewayError
+from switchboard.core.errors import GatewayError
 from switchboard.v1 import inference_pb2 as pb
 from switchboard.v1 import inference_pb2_grpc as pb_grpc
+
+__all__ = [
+    "AsyncClient", "AuthenticationError", "CancelledError", "Client", "DeadlineExceededError",
+    "InternalError", "InvalidRequestError", "NotFoundError", "PermissionDeniedError",
+    "RateLimitError", "SwitchboardError", "UpstreamError", "assistant", "chat_params",
+    "error_from_rpc", "message", "system", "user",
+]
 
 DEFAULT_TIMEOUT = 120.0
 _MAX_MESSAGE = 64 * 1024 * 1024

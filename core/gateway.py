@@ -20,16 +20,16 @@ from typing import TypeVar
 
 import grpc
 
-from core.config import Config
-from core.errors import GatewayError, invalid, model_not_found
-from core.keys import KeyRecord, KeyRing, check_client_network, check_model_allowed
-from core.ledger import PriceTable
-from core.limits import Limits, MemoryBackend, Ticket
-from core.logs import update_secrets
-from core.observe import Observer, observed, observed_stream
-from core.providers.base import HttpPool
-from core.router import Outcome, Router
-from core.usage import MemoryUsageSink, UsageRecord, UsageSink
+from switchboard.core.config import Config
+from switchboard.core.errors import GatewayError, invalid, model_not_found
+from switchboard.core.keys import KeyRecord, KeyRing, check_client_network, check_model_allowed
+from switchboard.core.ledger import PriceTable
+from switchboard.core.limits import Limits, MemoryBackend, Ticket
+from switchboard.core.logs import update_secrets
+from switchboard.core.observe import Observer, observed, observed_stream
+from switchboard.core.providers.base import HttpPool
+from switchboard.core.router import Outcome, Router
+from switchboard.core.usage import MemoryUsageSink, UsageRecord, UsageSink
 from switchboard.v1 import inference_pb2 as pb
 
 log = logging.getLogger("switchboard.gateway")

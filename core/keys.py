@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
-from core.config import KeyConfig
-from core.errors import GatewayError
+from switchboard.core.config import KeyConfig
+from switchboard.core.errors import GatewayError
 
 if TYPE_CHECKING:
-    from core.store.base import StoredKey
+    from switchboard.core.store.base import StoredKey
 
 CACHE_MAX = 10_000
 

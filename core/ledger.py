@@ -36,8 +36,8 @@ from collections import deque
 from pathlib import Path
 from typing import Protocol
 
-from core.config import Price
-from core.usage import UsageRecord
+from switchboard.core.config import Price
+from switchboard.core.usage import UsageRecord
 
 log = logging.getLogger("switchboard.ledger")
 

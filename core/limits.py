@@ -57,11 +57,11 @@ from typing import Protocol
 import grpc
 import redis.exceptions
 
-from core.config import LimitSettings
-from core.errors import GatewayError
-from core.keys import KeyRecord
-from core.ledger import PriceTable
-from core.usage import UsageRecord
+from switchboard.core.config import LimitSettings
+from switchboard.core.errors import GatewayError
+from switchboard.core.keys import KeyRecord
+from switchboard.core.ledger import PriceTable
+from switchboard.core.usage import UsageRecord
 from switchboard.v1 import inference_pb2 as pb
 
 log = logging.getLogger("switchboard.limits")

@@ -29,8 +29,8 @@ from typing import Any
 
 import orjson
 
-from core.config import Config
-from core.usage import UsageRecord
+from switchboard.core.config import Config
+from switchboard.core.usage import UsageRecord
 
 REDACTED = "[REDACTED]"
 ACCESS_LOGGER = "switchboard.access"

@@ -42,7 +42,7 @@ from prometheus_client import (
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from core.usage import UsageRecord
+from switchboard.core.usage import UsageRecord
 
 # OTel GenAI semantic-convention bucket advice for these two histograms.
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,

@@ -30,17 +30,17 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 
-from core.config import Config
-from core.errors import GatewayError
-from core.logs import REDACTOR, log_request
-from core.metrics import Metrics
-from core.providers.base import UpstreamError
-from core.tracing import Tracing
-from core.usage import UsageRecord
+from switchboard.core.config import Config
+from switchboard.core.errors import GatewayError
+from switchboard.core.logs import REDACTOR, log_request
+from switchboard.core.metrics import Metrics
+from switchboard.core.providers.base import UpstreamError
+from switchboard.core.tracing import Tracing
+from switchboard.core.usage import UsageRecord
 
 if TYPE_CHECKING:
-    from core.gateway import CallContext
-    from core.router import Candidate
+    from switchboard.core.gateway import CallContext
+    from switchboard.core.router import Candidate
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])

@@ -19,10 +19,10 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from core.config import Config, ConfigError, load_config
+from switchboard.core.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
-    from core.gateway import Gateway
+    from switchboard.core.gateway import Gateway
 
 log = logging.getLogger("switchboard.reload")
 

@@ -52,11 +52,11 @@ from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
-from core.circuit import REFUSED, Breaker, make_breaker
-from core.config import ChannelConfig, Config
-from core.errors import GatewayError, model_not_found
-from core.providers import make_client
-from core.providers.base import HttpPool, ProviderClient, UpstreamError
+from switchboard.core.circuit import REFUSED, Breaker, make_breaker
+from switchboard.core.config import ChannelConfig, Config
+from switchboard.core.errors import GatewayError, model_not_found
+from switchboard.core.providers import make_client
+from switchboard.core.providers.base import HttpPool, ProviderClient, UpstreamError
 from switchboard.v1 import inference_pb2 as pb
 
 T = TypeVar("T")

@@ -16,17 +16,17 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health
 
-from core.config import Config
-from core.errors import GatewayError
-from core.gateway import Gateway
-from core.health import Check, Readiness, check_grpc_core, check_redis, check_store
-from core.logs import install_redaction, update_secrets
-from core.metrics import Metrics
-from core.reload import reload_from_file
-from core.server import build_grpc_server, mark_serving
-from core.state import open_gateway
-from facade.app import create_app, create_ops_app
-from facade.transport import GrpcTransport, Transport
+from switchboard.core.config import Config
+from switchboard.core.errors import GatewayError
+from switchboard.core.gateway import Gateway
+from switchboard.core.health import Check, Readiness, check_grpc_core, check_redis, check_store
+from switchboard.core.logs import install_redaction, update_secrets
+from switchboard.core.metrics import Metrics
+from switchboard.core.reload import reload_from_file
+from switchboard.core.server import build_grpc_server, mark_serving
+from switchboard.core.state import open_gateway
+from switchboard.facade.app import create_app, create_ops_app
+from switchboard.facade.transport import GrpcTransport, Transport
 
 log = logging.getLogger("switchboard")
 

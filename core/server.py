@@ -7,9 +7,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from core.admin import AdminAPI, AdminServicer
-from core.gateway import Gateway
-from core.service import InferenceServicer
+from switchboard.core.admin import AdminAPI, AdminServicer
+from switchboard.core.gateway import Gateway
+from switchboard.core.service import InferenceServicer
 from switchboard.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024

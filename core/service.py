@@ -9,9 +9,9 @@ from typing import NoReturn
 
 import grpc
 
-from core.errors import GatewayError
-from core.gateway import CallContext, Gateway, new_request_id
-from core.keys import bearer_token
+from switchboard.core.errors import GatewayError
+from switchboard.core.gateway import CallContext, Gateway, new_request_id
+from switchboard.core.keys import bearer_token
 from switchboard.v1 import inference_pb2 as pb
 from switchboard.v1 import inference_pb2_grpc as pb_grpc
 

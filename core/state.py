@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 
-from core.config import Config
-from core.gateway import Gateway
-from core.keys import StoreKeyRing
-from core.ledger import Ledger, PriceTable
-from core.limits import Limits, open_backend
-from core.store import open_store
+from switchboard.core.config import Config
+from switchboard.core.gateway import Gateway
+from switchboard.core.keys import StoreKeyRing
+from switchboard.core.ledger import Ledger, PriceTable
+from switchboard.core.limits import Limits, open_backend
+from switchboard.core.store import open_store
 
 log = logging.getLogger("switchboard")
 

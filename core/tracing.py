@@ -25,7 +25,7 @@ import asyncio
 import logging
 from typing import Any
 
-from core.config import ObservabilityConfig
+from switchboard.core.config import ObservabilityConfig
 
 log = logging.getLogger("switchboard.tracing")
 

@@ -25,8 +25,8 @@ from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from core.errors import GatewayError, invalid
-from core.keys import bearer_token
+from switchboard.core.errors import GatewayError, invalid
+from switchboard.core.keys import bearer_token
 from switchboard.v1 import admin_pb2 as apb
 from switchboard.v1 import admin_pb2_grpc as apb_grpc
 
@@ -38,7 +38,7 @@ _CAMEL = {f.json_name: f.name for f in apb.ApiKey.DESCRIPTOR.fields}
 
 
 def _in_process(transport: Any) -> Caller:
-    from core.admin import RPCS, AdminAPI
+    from switchboard.core.admin import RPCS, AdminAPI
 
     api = AdminAPI(transport)
 

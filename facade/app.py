@@ -22,12 +22,12 @@ import grpc
 import orjson
 from aiohttp import web
 
-from core.errors import GatewayError, invalid
-from core.gateway import CallContext, new_request_id
-from core.keys import bearer_token
-from facade import openai_json as oj
-from facade.admin_routes import add_admin_routes
-from facade.transport import Transport
+from switchboard.core.errors import GatewayError, invalid
+from switchboard.core.gateway import CallContext, new_request_id
+from switchboard.core.keys import bearer_token
+from switchboard.facade import openai_json as oj
+from switchboard.facade.admin_routes import add_admin_routes
+from switchboard.facade.transport import Transport
 from switchboard.v1 import inference_pb2 as pb
 
 log = logging.getLogger("switchboard.facade")

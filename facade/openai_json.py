@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from core.errors import GatewayError, invalid
+from switchboard.core.errors import GatewayError, invalid
 from switchboard.v1 import inference_pb2 as pb
 
 ROLES = {"system": pb.ROLE_SYSTEM, "developer": pb.ROLE_DEVELOPER, "user": pb.ROLE_USER,

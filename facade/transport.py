@@ -14,9 +14,9 @@ from typing import Any, Protocol
 
 import grpc
 
-from core.errors import GatewayError
-from core.gateway import CallContext
-from core.server import MAX_MESSAGE_BYTES
+from switchboard.core.errors import GatewayError
+from switchboard.core.gateway import CallContext
+from switchboard.core.server import MAX_MESSAGE_BYTES
 from switchboard.v1 import inference_pb2 as pb
 from switchboard.v1 import inference_pb2_grpc as pb_grpc
 

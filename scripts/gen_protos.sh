@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Regenerates the committed Python stubs from proto/ with the pinned grpcio-tools.
-# The stubs live in core/_gen/ and install as the `switchboard.v1` package, so an
-# internal service writes `from switchboard.v1 import inference_pb2_grpc`.
+# core/_gen/switchboard/ is the root of the installed `switchboard` package: the stubs
+# (`switchboard.v1`), the root `__init__.py`, `py.typed` and `client.py` (the typed
+# client, re-exported from switchboard.core.client) are all written here, so an
+# internal service writes `from switchboard.v1 import inference_pb2_grpc` and
+# `from switchboard.client import Client`. pyproject.toml maps core/ and facade/ to
+# `switchboard.core` and `switchboard.facade` under the same root.
 # Usage: scripts/gen_protos.sh          (rewrite core/_gen)
 #        scripts/gen_protos.sh --check  (fail if the committed stubs differ)
 set -euo pipefail
@@ -19,7 +23,14 @@ mkdir -p "$out/switchboard/v1"
 python -m grpc_tools.protoc -I proto \
   --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
   proto/switchboard/v1/*.proto
-printf '"""Generated gRPC stubs for the Switchboard API (see proto/)."""\n' > "$out/switchboard/__init__.py"
+printf '"""Switchboard, an LLM gateway: switchboard.core (the routing core), switchboard.facade\n(the REST surfaces), switchboard.v1 (the generated gRPC stubs), switchboard.client."""\n' > "$out/switchboard/__init__.py"
+: > "$out/switchboard/py.typed"
+cat > "$out/switchboard/client.py" <<'PY'
+"""The typed gRPC client for internal services (implemented in switchboard.core.client)."""
+
+from switchboard.core.client import *  # noqa: F403
+from switchboard.core.client import __all__ as __all__
+PY
 printf '"""Generated from proto/switchboard/v1 by scripts/gen_protos.sh; do not edit."""\n' > "$out/switchboard/v1/__init__.py"
 if [ "${1:-}" = "--check" ]; then
   if ! diff -r "$out/switchboard" core/_gen/switchboard; then

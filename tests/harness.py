@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from core.config import Config, load_config_text
-from core.gateway import Gateway
-from core.runtime import Runtime
-from core.usage import MemoryUsageSink
+from switchboard.core.config import Config, load_config_text
+from switchboard.core.gateway import Gateway
+from switchboard.core.runtime import Runtime
+from switchboard.core.usage import MemoryUsageSink
 from switchboard.v1 import inference_pb2_grpc as pb_grpc
 
 TEST_KEY = "sk-test-key-0123456789"

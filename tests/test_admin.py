@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import re
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +18,16 @@ import httpx
 import pytest
 from google.protobuf import field_mask_pb2
 
-from core.runtime import Runtime
-from core.state import open_gateway
+from switchboard.core.runtime import Runtime
+from switchboard.core.state import open_gateway
 from switchboard.v1 import admin_pb2 as apb
 from switchboard.v1 import admin_pb2_grpc as apb_grpc
 from tests.harness import make_config
 
 ADMIN_KEY = "adm-test-0123456789abcdef"
 UPSTREAM_KEY = "upstream-secret-echo"
-BIN = "/work/venv/bin/switchboard"
+# The installed console script is not needed: the CLI module runs with this interpreter.
+BIN = (sys.executable, "-m", "switchboard.core.cli")
 
 
 @dataclass
@@ -200,7 +202,7 @@ async def test_grpc_key_lifecycle_and_validation(admin: Admin) -> None:
 
 async def _cli(*args: str, admin_key: str = ADMIN_KEY) -> tuple[int, str, str]:
     env = {**os.environ, "SWITCHBOARD_ADMIN_KEY": admin_key}
-    proc = await asyncio.create_subprocess_exec(BIN, *args, env=env, stdout=asyncio.subprocess.PIPE,
+    proc = await asyncio.create_subprocess_exec(*BIN, *args, env=env, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()
     return proc.returncode or 0, out.decode(), err.decode()

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from core.circuit import (
+from switchboard.core.circuit import (
     CLOSED_TICKET,
     REFUSED,
     TRIAL_TICKET,
@@ -24,7 +24,7 @@ from core.circuit import (
     RedisCircuitBreaker,
     make_breaker,
 )
-from core.config import CircuitSettings
+from switchboard.core.config import CircuitSettings
 from tests.fakes.faulty_upstream import Fault
 from tests.harness import running_stack
 from tests.test_resilience import ask, faulty_config, upstreams

@@ -14,7 +14,7 @@ import grpc
 import grpc_testing
 import pytest
 
-from core.client import (
+from switchboard.core.client import (
     AsyncClient,
     AuthenticationError,
     Client,
@@ -27,7 +27,7 @@ from core.client import (
     system,
     user,
 )
-from core.errors import GatewayError
+from switchboard.core.errors import GatewayError
 from switchboard.v1 import inference_pb2 as pb
 from tests.harness import TEST_KEY, make_config, running_stack
 

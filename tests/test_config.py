@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from core.config import ConfigError, load_config, load_config_text
+from switchboard.core.config import ConfigError, load_config, load_config_text
 
 GOOD = """
 listen: {http: "127.0.0.1:8080", grpc: "127.0.0.1:50051"}

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from core.config import load_config_text
+from switchboard.core.config import load_config_text
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"

@@ -21,7 +21,7 @@ import aiohttp
 import grpc
 import pytest
 
-from core.errors import GatewayError
+from switchboard.core.errors import GatewayError
 from switchboard.v1 import inference_pb2 as pb
 from switchboard.v1 import inference_pb2_grpc as pb_grpc
 from tests.fakes.faulty_upstream import Fault

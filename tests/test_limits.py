@@ -13,18 +13,18 @@ import httpx
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from core.config import LimitSettings, Price
-from core.errors import GatewayError
-from core.keys import KeyRecord
-from core.ledger import PriceTable
-from core.limits import (
+from switchboard.core.config import LimitSettings, Price
+from switchboard.core.errors import GatewayError
+from switchboard.core.keys import KeyRecord
+from switchboard.core.ledger import PriceTable
+from switchboard.core.limits import (
     Backend,
     Limits,
     MemoryBackend,
     RedisBackend,
     estimate_prompt_tokens,
 )
-from core.usage import UsageRecord
+from switchboard.core.usage import UsageRecord
 from switchboard.v1 import inference_pb2 as pb
 from tests.conftest import REDIS_URL
 from tests.fakes.openai_upstream import FakeOpenAI

@@ -13,9 +13,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from core.config import load_config_text
-from core.logs import REDACTED, Redactor, config_secrets, make_handler, setup_logging
-from core.store.base import new_secret
+from switchboard.core.config import load_config_text
+from switchboard.core.logs import REDACTED, Redactor, config_secrets, make_handler, setup_logging
+from switchboard.core.store.base import new_secret
 from switchboard.v1 import inference_pb2 as pb
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import AUTH, TEST_KEY, channel_yaml, make_config, running_stack

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from core.store import open_store
+from switchboard.core.store import open_store
 from switchboard.v1 import admin_pb2 as apb
 from switchboard.v1 import admin_pb2_grpc as apb_grpc
 from switchboard.v1 import inference_pb2 as pb
@@ -43,7 +44,8 @@ from tests.conftest import (
 
 pytestmark = [needs_redis, needs_postgres]
 
-BIN = "/work/venv/bin/switchboard"
+# The installed console script is not needed: the CLI module runs with this interpreter.
+BIN = (sys.executable, "-m", "switchboard.core.cli")
 ADMIN_KEY = "adm-" + os.urandom(12).hex()
 UPSTREAM_KEY = "upstream-" + os.urandom(12).hex()
 STATIC_KEY = "sk-static-" + os.urandom(12).hex()
@@ -73,7 +75,7 @@ class Cluster:
 def start_gateway(config_path: Path, env: dict[str, str], log_path: Path) -> Replica:
     log = log_path.open("wb")
     proc = subprocess.Popen(
-        [BIN, "serve", "--config", str(config_path), "--http", "127.0.0.1:0", "--grpc",
+        [*BIN, "serve", "--config", str(config_path), "--http", "127.0.0.1:0", "--grpc",
          "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=log, env=env, text=True)
     log.close()
     assert proc.stdout is not None

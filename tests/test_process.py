@@ -15,11 +15,11 @@ from pathlib import Path
 import grpc
 import openai
 
-from core.config import DEMO_KEY
+from switchboard.core.config import DEMO_KEY
 from switchboard.v1 import inference_pb2 as pb
 from switchboard.v1 import inference_pb2_grpc as pb_grpc
 
-SWITCHBOARD = [sys.executable, "-m", "core.cli"]
+SWITCHBOARD = [sys.executable, "-m", "switchboard.core.cli"]
 
 
 @asynccontextmanager

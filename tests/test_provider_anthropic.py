@@ -17,7 +17,7 @@ import grpc
 import openai
 import pytest
 
-from core.providers.anthropic import (
+from switchboard.core.providers.anthropic import (
     JSON_TOOL,
     StreamTranslator,
     decode_tool_call_id,
@@ -25,8 +25,8 @@ from core.providers.anthropic import (
     params_to_wire,
     response_from_wire,
 )
-from core.providers.base import UpstreamError
-from facade.openai_json import parse_chat
+from switchboard.core.providers.base import UpstreamError
+from switchboard.facade.openai_json import parse_chat
 from switchboard.v1 import inference_pb2 as pb
 from tests.fakes.anthropic_upstream import FakeAnthropic, Invalid, signature_for, validate
 from tests.harness import AUTH, TEST_KEY, Stack, channel_yaml, make_config, running_stack
@@ -980,9 +980,9 @@ async def test_stream_cut_before_message_stop_is_an_error() -> None:
     """An upstream that closes mid-answer must not look like a finished reply."""
     from aiohttp import web
 
-    from core.config import ChannelConfig
-    from core.providers.anthropic import AnthropicClient
-    from core.providers.base import HttpPool
+    from switchboard.core.config import ChannelConfig
+    from switchboard.core.providers.anthropic import AnthropicClient
+    from switchboard.core.providers.base import HttpPool
 
     async def truncated(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})

@@ -18,9 +18,9 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from core.providers import PROVIDERS
-from core.providers.base import UpstreamError
-from core.providers.gemini import (
+from switchboard.core.providers import PROVIDERS
+from switchboard.core.providers.base import UpstreamError
+from switchboard.core.providers.gemini import (
     SKIP_SIGNATURE,
     GeminiClient,
     StreamTranslator,
@@ -30,7 +30,7 @@ from core.providers.gemini import (
     params_to_wire,
     response_from_wire,
 )
-from facade.openai_json import parse_chat
+from switchboard.facade.openai_json import parse_chat
 from switchboard.v1 import inference_pb2 as pb
 from tests.fakes.gemini_upstream import FakeGemini, signature_for
 from tests.harness import AUTH, TEST_KEY, Stack, channel_yaml, make_config, running_stack

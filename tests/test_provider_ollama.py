@@ -24,10 +24,15 @@ import pytest
 from aiohttp import web
 from google.protobuf import json_format
 
-from core.config import ChannelConfig
-from core.providers.base import HttpPool, UpstreamError
-from core.providers.ollama import OllamaClient, StreamTranslator, params_to_wire, response_from_wire
-from facade.openai_json import parse_chat
+from switchboard.core.config import ChannelConfig
+from switchboard.core.providers.base import HttpPool, UpstreamError
+from switchboard.core.providers.ollama import (
+    OllamaClient,
+    StreamTranslator,
+    params_to_wire,
+    response_from_wire,
+)
+from switchboard.facade.openai_json import parse_chat
 from switchboard.v1 import inference_pb2 as pb
 from tests.fakes.ollama_upstream import FakeOllama
 from tests.harness import AUTH, TEST_KEY, Stack, channel_yaml, make_config, running_stack

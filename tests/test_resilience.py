@@ -25,8 +25,8 @@ import grpc
 import openai
 import pytest
 
-from core.config import Config
-from core.errors import GatewayError
+from switchboard.core.config import Config
+from switchboard.core.errors import GatewayError
 from switchboard.v1 import inference_pb2 as pb
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream, Seen, closed_port_url
 from tests.harness import AUTH, TEST_KEY, Stack, channel_yaml, make_config, running_stack

@@ -277,7 +277,7 @@ async def test_internal_error_is_500_without_stack(stack: tuple[Stack, FakeOpenA
     """A bug in our code (simulated by a translate function that raises) must come out as
     a 500 naming the request id, with no exception text or stack."""
     s, _ = stack
-    import core.providers.openai as provider
+    import switchboard.core.providers.openai as provider
 
     def broken(_: Any) -> Any:
         raise RuntimeError("secret internals")

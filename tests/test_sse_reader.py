@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import aiohttp
 from aiohttp import web
 
-from core.providers.base import iter_lines, iter_sse
+from switchboard.core.providers.base import iter_lines, iter_sse
 
 
 @asynccontextmanager

@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from core.tracing import Tracing
+from switchboard.core.tracing import Tracing
 from switchboard.v1 import inference_pb2 as pb
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -142,9 +142,9 @@ def test_runs_without_opentelemetry_installed() -> None:
 
         sys.meta_path.insert(0, Block())
         logging.basicConfig(level=logging.WARNING)
-        from core import tracing
+        from switchboard.core import tracing
         assert not tracing.HAVE_OTEL
-        from core.gateway import CallContext, Gateway
+        from switchboard.core.gateway import CallContext, Gateway
         from tests.harness import TEST_KEY, make_config
         from switchboard.v1 import inference_pb2 as pb
 

@@ -4,13 +4,13 @@ its client class."""
 
 from __future__ import annotations
 
-from core.config import ChannelConfig
-from core.providers.anthropic import AnthropicClient
-from core.providers.base import HttpPool, ProviderClient
-from core.providers.echo import EchoClient
-from core.providers.gemini import GeminiClient
-from core.providers.ollama import OllamaClient
-from core.providers.openai import OpenAIClient
+from switchboard.core.config import ChannelConfig
+from switchboard.core.providers.anthropic import AnthropicClient
+from switchboard.core.providers.base import HttpPool, ProviderClient
+from switchboard.core.providers.echo import EchoClient
+from switchboard.core.providers.gemini import GeminiClient
+from switchboard.core.providers.ollama import OllamaClient
+from switchboard.core.providers.openai import OpenAIClient
 
 PROVIDERS: dict[str, type[ProviderClient]] = {
     "openai": OpenAIClient,

@@ -69,7 +69,7 @@ from typing import Any
 
 import orjson
 
-from core.providers.base import ProviderClient, UpstreamError, iter_sse, loads_event, message_text
+from switchboard.core.providers.base import ProviderClient, UpstreamError, iter_sse, loads_event, message_text
 from switchboard.v1 import inference_pb2 as pb
 
 DEFAULT_VERSION = "2023-06-01"

@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from core.config import ChannelConfig
+from switchboard.core.config import ChannelConfig
 from switchboard.v1 import inference_pb2 as pb
 
 

@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 
-from core.providers.base import ProviderClient, message_text
+from switchboard.core.providers.base import ProviderClient, message_text
 from switchboard.v1 import inference_pb2 as pb
 
 _PNG_1x1 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGA"

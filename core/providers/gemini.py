@@ -82,7 +82,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 import aiohttp
 import orjson
 
-from core.providers.base import ProviderClient, UpstreamError, iter_sse, loads_event, message_text
+from switchboard.core.providers.base import ProviderClient, UpstreamError, iter_sse, loads_event, message_text
 from switchboard.v1 import inference_pb2 as pb
 
 API_VERSION = "v1beta"

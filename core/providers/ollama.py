@@ -67,7 +67,7 @@ from typing import Any
 
 import orjson
 
-from core.providers.base import ProviderClient, UpstreamError, iter_lines, loads_event
+from switchboard.core.providers.base import ProviderClient, UpstreamError, iter_lines, loads_event
 from switchboard.v1 import inference_pb2 as pb
 
 ROLE_TO_WIRE = {

@@ -18,8 +18,8 @@ from typing import Any
 
 import orjson
 
-from core.config import ChannelConfig
-from core.providers.base import HttpPool, ProviderClient, UpstreamError, iter_sse, loads_event
+from switchboard.core.config import ChannelConfig
+from switchboard.core.providers.base import HttpPool, ProviderClient, UpstreamError, iter_sse, loads_event
 from switchboard.v1 import inference_pb2 as pb
 
 ROLE_TO_WIRE = {

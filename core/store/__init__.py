@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from core.store.base import (
+from switchboard.core.store.base import (
     PERIODS,
     PREFIX_LEN,
     UNITS,
@@ -33,10 +33,10 @@ def redact_dsn(dsn: str) -> str:
 
 async def open_store(dsn: str) -> SqlStore:
     if dsn.startswith("sqlite://"):
-        from core.store.sqlite import SqliteDriver
+        from switchboard.core.store.sqlite import SqliteDriver
         store = SqlStore(await SqliteDriver.open(dsn), redact_dsn(dsn))
     elif dsn.startswith(("postgresql://", "postgres://")):
-        from core.store.postgres import PostgresDriver
+        from switchboard.core.store.postgres import PostgresDriver
         store = SqlStore(await PostgresDriver.open(dsn), redact_dsn(dsn))
     else:
         raise ValueError(f"unsupported store {redact_dsn(dsn)!r} (expected sqlite:// or postgresql://)")

@@ -26,7 +26,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from core.usage import UsageRecord
+from switchboard.core.usage import UsageRecord
 
 PREFIX_LEN = 10
 SECRET_PREFIX = "sk-sb-"
