@@ -468,7 +468,7 @@ class Router:
                 raise UpstreamError("upstream stream was empty", retryable=True,
                                     kind="malformed") from None
             except BaseException:
-                await it.aclose()  # type: ignore[attr-defined]
+                await it.aclose()
                 raise
             return c, it, chunk, total_at
 
