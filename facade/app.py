@@ -3,7 +3,8 @@ request message, calls the core through a Transport with the caller's credential
 and writes the reply or the mapped error. No routing, auth or provider logic here.
 
 Headers: `Authorization: Bearer <key>`; `X-Request-Id` (echoed, or generated; on
-every response); `X-Switchboard-Timeout: <seconds>` sets a deadline for the request,
+every response); `x-ratelimit-*` on admitted responses of keys with limits
+(core/limits.py); `X-Switchboard-Timeout: <seconds>` sets a deadline for the request,
 like a gRPC deadline (the shorter of it and the channel's timeouts wins); a W3C
 `traceparent` header becomes the parent of the request's trace span.
 

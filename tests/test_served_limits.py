@@ -147,6 +147,30 @@ async def test_an_alias_is_charged_at_the_served_price_and_its_budget_holds(
     ]
 
 
+async def test_streams_through_an_alias_are_recorded_and_priced_by_the_served_model(
+        env: Env) -> None:
+    body = {"model": "smart", "stream": True, "max_tokens": 10,
+            "messages": [{"role": "user", "content": "hi"}]}
+    async with env.http.stream("POST", "/v1/chat/completions", json=body,
+                               headers={"authorization": f"Bearer {SPENDER}"}) as r:
+        assert r.status_code == 200
+        assert [line async for line in r.aiter_lines() if line][-1] == "data: [DONE]"
+    req = pb.StreamChatCompletionRequest(params=pb.ChatCompletionParams(
+        model="fast", max_tokens=10, messages=[pb.Message(role=pb.ROLE_USER, text="hi")]))
+    chunks = [c async for c in env.stub.StreamChatCompletion(
+        req, metadata=(("authorization", f"Bearer {SPENDER}"),), timeout=10)]
+    assert chunks
+    assert await env.ledger() == [
+        ("spender", "smart", "gpt-4o", "gpt-4o", pytest.approx(COST_4O)),
+        ("spender", "fast", "fast", "gpt-4o", pytest.approx(COST_4O)),
+    ]
+    # $3.60 of $5 spent: the next stream on the alias is refused before it starts.
+    async with env.http.stream("POST", "/v1/chat/completions", json=body,
+                               headers={"authorization": f"Bearer {SPENDER}"}) as r:
+        assert r.status_code == 429
+        assert (await r.aread()).find(b"insufficient_quota") > 0
+
+
 async def test_admin_usage_and_the_cli_show_the_served_model(env: Env) -> None:
     assert (await env.chat("rest", SPENDER, "smart"))[0] == 200
     assert (await env.chat("grpc", NARROW, "gpt-4o-mini"))[0] == 200
