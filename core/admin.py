@@ -129,7 +129,8 @@ def _period_range(req: apb.QueryUsageRequest) -> tuple[float | None, float | Non
 
 
 def _row(t: UsageTotals) -> apb.UsageRow:
-    return apb.UsageRow(key_id=t.key_id, key_name=t.key_name, model=t.model, requests=t.requests,
+    return apb.UsageRow(key_id=t.key_id, key_name=t.key_name, model=t.model,
+                        served_model=t.served_model, requests=t.requests,
                         errors=t.errors, prompt_tokens=t.prompt_tokens,
                         completion_tokens=t.completion_tokens, cached_tokens=t.cached_tokens,
                         reasoning_tokens=t.reasoning_tokens, cost=t.cost,
@@ -174,10 +175,12 @@ class AdminAPI:
 
     async def create_key(self, req: apb.CreateKeyRequest, token: str) -> apb.CreateKeyResponse:
         self.authorize(token)
+        # Every settable field is honoured; `enabled` left unset means enabled.
         fields = _fields(req.key, [n for n in _MASK if n != "enabled"])
+        fields["enabled"] = req.key.enabled if req.key.HasField("enabled") else True
         secret = new_secret()
         stored = StoredKey(id=new_key_id(), key_hash=hash_key(secret), prefix=secret[:PREFIX_LEN],
-                           enabled=True, **fields)
+                           **fields)
         stored = await self._store().create_key(stored)
         log.info("admin: created key %s (%s)", stored.id, stored.name)
         return apb.CreateKeyResponse(key=key_message(stored), secret=secret)
@@ -226,9 +229,11 @@ class AdminAPI:
         if flush is not None:
             await flush()  # this replica's buffered rows count too
         since, until = _period_range(req)
-        groups = {apb.USAGE_GROUP_KEY: "key", apb.USAGE_GROUP_MODEL: "model"}
+        groups = {apb.USAGE_GROUP_KEY: "key", apb.USAGE_GROUP_MODEL: "model",
+                  apb.USAGE_GROUP_SERVED_MODEL: "served_model"}
         rows = await store.usage(key_id=req.key_id, model=req.model, since=since, until=until,
-                                 group_by=[groups[g] for g in req.group_by if g in groups])
+                                 group_by=[groups[g] for g in req.group_by if g in groups],
+                                 served_model=req.served_model)
         resp = apb.QueryUsageResponse(rows=[_row(t) for t in rows])
         if since is not None:
             resp.start_time.CopyFrom(_ts(since))

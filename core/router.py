@@ -71,6 +71,7 @@ class Candidate:
     channel: ChannelConfig
     client: ProviderClient
     upstream_model: str
+    model: str = ""  # the public model name this candidate serves (after routes)
 
 
 @dataclass
@@ -78,6 +79,10 @@ class Outcome:
     """What happened while serving one request (for usage, logs and tests)."""
 
     channel: str = ""
+    # What served the request: public model name (after routes) and upstream name
+    # (after model_map); pricing and the ledger use them (core/limits.py).
+    model: str = ""
+    upstream_model: str = ""
     attempts: list[tuple[str, str]] = field(default_factory=list)  # (channel, error or "ok")
     first_token_at: float | None = None
     hedged: bool = False
@@ -142,7 +147,7 @@ class Router:
         for c in config.channels:
             for public, upstream in c.models.items():
                 self._by_model.setdefault(public, []).append(
-                    Candidate(c, self._clients[c.name], upstream))
+                    Candidate(c, self._clients[c.name], upstream, public))
         self._routes = {r.model: r for r in config.routes}
 
     async def close(self) -> None:
@@ -179,6 +184,15 @@ class Router:
         if route is None or not route.hedge_after_ms:
             return None
         return route.hedge_after_ms / 1000.0
+
+    def targets(self, model: str) -> list[str]:
+        """The public model names `model` resolves to (routes expanded; itself if none)."""
+        return self._targets(model, set())
+
+    def served_names(self, model: str) -> list[tuple[str, str]]:
+        """(public name, upstream name) of every candidate that could serve `model`."""
+        return [(t, c.upstream_model) for t in self._targets(model, set())
+                for c in self._by_model.get(t, ())]
 
     def _targets(self, model: str, seen: set[str]) -> list[str]:
         route = self._routes.get(model)
@@ -356,6 +370,7 @@ class Router:
                 raise
             await self.breaker.record_success(name, ticket)
             outcome.channel = name
+            outcome.model, outcome.upstream_model = cand.model, cand.upstream_model
             outcome.attempts.append((name, "ok"))
             return result
         if deadline is not None and asyncio.get_running_loop().time() >= deadline:
@@ -402,6 +417,7 @@ class Router:
                         await self._cancel_losers(running, outcome, discard)
                         await self.breaker.record_success(cand.channel.name, ticket)
                         outcome.channel = cand.channel.name
+                        outcome.model, outcome.upstream_model = cand.model, cand.upstream_model
                         outcome.attempts.append((cand.channel.name, "ok"))
                         return result
                     if not isinstance(exc, Exception):

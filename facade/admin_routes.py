@@ -10,7 +10,9 @@ times RFC 3339). Errors are the same OpenAI-style objects as /v1 (errors_middlew
   GET    /admin/v1/keys/{id}
   PATCH  /admin/v1/keys/{id}            body: ApiKey fields to change (they form the mask)
   POST   /admin/v1/keys/{id}:revoke     (DELETE /admin/v1/keys/{id} does the same)
-  GET    /admin/v1/usage?key_id=&model=&period=day|month|total&start_time=&end_time=&group_by=key,model
+  GET    /admin/v1/usage?key_id=&model=&served_model=&period=day|month|total&start_time=&end_time=
+                                        &group_by=key,model,served_model
+         (`model` is the name requested, `served_model` the one that answered after routes)
   GET    /admin/v1/channels
 """
 
@@ -143,7 +145,8 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 async def query_usage(request: web.Request) -> web.Response:
     q = request.query
-    data: dict[str, Any] = {k: q[k] for k in ("key_id", "model", "start_time", "end_time") if k in q}
+    data: dict[str, Any] = {k: q[k] for k in ("key_id", "model", "served_model", "start_time",
+                                              "end_time") if k in q}
     if "period" in q:
         data["period"] = f"USAGE_PERIOD_{q['period'].upper()}"
     if "group_by" in q:

@@ -82,11 +82,22 @@ class GrpcTransport:
         # A fresh instance per call: one shared exception would collect every traceback.
         return GatewayError(a.status, a.message, code=a.code)
 
+    @staticmethod
+    async def _limit_headers(call: Any, ctx: CallContext) -> None:
+        """The core's x-ratelimit-* initial metadata, for the REST response headers."""
+        md = await call.initial_metadata()
+        if md:
+            headers = {k: v for k, v in md if k.startswith("x-ratelimit-") and isinstance(v, str)}
+            if headers:
+                ctx.response_headers = headers
+
     async def _unary(self, method: Any, req: Any, ctx: CallContext) -> Any:
         call = method(req, **self._call_args(ctx))
         self._calls.add(call)
         try:
-            return await call
+            resp = await call
+            await self._limit_headers(call, ctx)
+            return resp
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
             err = self._failure(exc)
             if err is None:
@@ -104,7 +115,11 @@ class GrpcTransport:
         call = self.stub.StreamChatCompletion(req, **self._call_args(ctx))
         self._calls.add(call)
         try:
+            first = True
             async for msg in call:
+                if first:
+                    first = False
+                    await self._limit_headers(call, ctx)
                 yield msg
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
             err = self._failure(exc)

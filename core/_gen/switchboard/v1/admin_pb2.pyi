@@ -36,6 +36,7 @@ class UsageGroup(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     USAGE_GROUP_UNSPECIFIED: _ClassVar[UsageGroup]
     USAGE_GROUP_KEY: _ClassVar[UsageGroup]
     USAGE_GROUP_MODEL: _ClassVar[UsageGroup]
+    USAGE_GROUP_SERVED_MODEL: _ClassVar[UsageGroup]
 
 class ChannelHealth(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -57,6 +58,7 @@ USAGE_PERIOD_TOTAL: UsagePeriod
 USAGE_GROUP_UNSPECIFIED: UsageGroup
 USAGE_GROUP_KEY: UsageGroup
 USAGE_GROUP_MODEL: UsageGroup
+USAGE_GROUP_SERVED_MODEL: UsageGroup
 CHANNEL_HEALTH_UNSPECIFIED: ChannelHealth
 CHANNEL_HEALTH_HEALTHY: ChannelHealth
 CHANNEL_HEALTH_OPEN: ChannelHealth
@@ -176,23 +178,25 @@ class RevokeKeyResponse(_message.Message):
     def __init__(self, key: _Optional[_Union[ApiKey, _Mapping]] = ...) -> None: ...
 
 class QueryUsageRequest(_message.Message):
-    __slots__ = ("key_id", "model", "period", "start_time", "end_time", "group_by")
+    __slots__ = ("key_id", "model", "period", "start_time", "end_time", "group_by", "served_model")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PERIOD_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    SERVED_MODEL_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     model: str
     period: UsagePeriod
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
     group_by: _containers.RepeatedScalarFieldContainer[UsageGroup]
-    def __init__(self, key_id: _Optional[str] = ..., model: _Optional[str] = ..., period: _Optional[_Union[UsagePeriod, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Iterable[_Union[UsageGroup, str]]] = ...) -> None: ...
+    served_model: str
+    def __init__(self, key_id: _Optional[str] = ..., model: _Optional[str] = ..., period: _Optional[_Union[UsagePeriod, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Iterable[_Union[UsageGroup, str]]] = ..., served_model: _Optional[str] = ...) -> None: ...
 
 class UsageRow(_message.Message):
-    __slots__ = ("key_id", "key_name", "model", "requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "cost", "estimated_requests")
+    __slots__ = ("key_id", "key_name", "model", "requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "cost", "estimated_requests", "served_model")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +208,7 @@ class UsageRow(_message.Message):
     REASONING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SERVED_MODEL_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     key_name: str
     model: str
@@ -215,7 +220,8 @@ class UsageRow(_message.Message):
     reasoning_tokens: int
     cost: float
     estimated_requests: int
-    def __init__(self, key_id: _Optional[str] = ..., key_name: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., cost: _Optional[float] = ..., estimated_requests: _Optional[int] = ...) -> None: ...
+    served_model: str
+    def __init__(self, key_id: _Optional[str] = ..., key_name: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., cost: _Optional[float] = ..., estimated_requests: _Optional[int] = ..., served_model: _Optional[str] = ...) -> None: ...
 
 class QueryUsageResponse(_message.Message):
     __slots__ = ("rows", "start_time", "end_time")
