@@ -117,6 +117,7 @@ class Gateway:
         self.observer = Observer(config, known_model=lambda m: self.router.knows(m),
                                  circuit_source=self._circuit_states)
         self.router.attempt_hook = self.observer.attempt
+        self.router.panic_hook = self.observer.metrics.circuit_panicked
         update_secrets(config)
 
     async def _circuit_states(self) -> list[tuple[str, str]]:
@@ -128,13 +129,17 @@ class Gateway:
         Everything new is built before anything is swapped, so a config that fails to
         build leaves the old one serving. Requests already running keep the router they
         started with (streams are not dropped); circuit state carries over by channel
-        name. Listen addresses, store and limits backends need a restart."""
-        router = Router(config, self.http, breaker=self.router.breaker, drain=self.router.drain)
+        name and takes the new `router.circuit` settings. Listen addresses, store and
+        limits backends need a restart."""
+        router = Router(config, self.http, breaker=self.router.breaker, drain=self.router.drain,
+                        panics=self.router.panics)
         router.attempt_hook = self.observer.attempt
+        router.panic_hook = self.observer.metrics.circuit_panicked
         # Static keys are swapped in place; a store-backed ring keeps its stored keys.
         self.keys.reload_static(config.keys)
         update_secrets(config)
         self.config, self.router = config, router
+        router.breaker.configure(config.router.circuit)
 
     async def close(self) -> None:
         await self.observer.close()
