@@ -45,7 +45,7 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
@@ -63,7 +63,7 @@ T = TypeVar("T")
 log = logging.getLogger("switchboard.router")
 
 Chunk: TypeAlias = pb.StreamChatCompletionResponse
-ChunkIter: TypeAlias = AsyncIterator[Chunk]
+ChunkIter: TypeAlias = AsyncGenerator[Chunk, None]
 
 
 @dataclass(frozen=True)
@@ -473,7 +473,7 @@ class Router:
             return c, it, chunk, total_at
 
         async def discard(opened: tuple[Candidate, ChunkIter, Chunk, float | None]) -> None:
-            await opened[1].aclose()  # type: ignore[attr-defined]
+            await opened[1].aclose()
 
         with self._upstream_wait():
             cand, it, chunk, total_at = await self._attempts(params.model, deadline, outcome,
@@ -499,7 +499,7 @@ class Router:
                     return
                 yield chunk_or_end
         finally:
-            await it.aclose()  # type: ignore[attr-defined]
+            await it.aclose()
 
     async def _next_chunk(self, cand: Candidate, it: ChunkIter, total_at: float | None
                           ) -> Chunk | None:
