@@ -22,7 +22,7 @@ import inspect
 import ipaddress
 import logging
 import time
-from typing import Any
+from typing import Any, Literal, TypeGuard, get_args
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -51,9 +51,7 @@ _MASK = {"name": "name", "owner": "owner", "models": "models", "rpm": "rpm", "tp
          "allowed_cidrs": "cidrs", "enabled": "enabled", "metadata": "metadata"}
 
 
-def _ts(seconds: float | None) -> timestamp_pb2.Timestamp | None:
-    if seconds is None:
-        return None
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
     t = timestamp_pb2.Timestamp()
     t.FromNanoseconds(int(seconds * 1e9))
     return t
@@ -73,10 +71,18 @@ def key_message(k: StoredKey) -> apb.ApiKey:
             setattr(m, name, value)
     for field, value in (("expire_time", k.expires_at), ("create_time", k.created_at),
                          ("update_time", k.updated_at), ("revoke_time", k.revoked_at)):
-        ts = _ts(value)
-        if ts is not None:
-            getattr(m, field).CopyFrom(ts)
+        if value is not None:
+            getattr(m, field).CopyFrom(_ts(value))
     return m
+
+
+# The key's proto3 `optional` limits: unset means "no limit", so presence is checked.
+_Limit = Literal["rpm", "tpm", "max_concurrent", "budget"]
+
+
+def _is_limit(name: str) -> TypeGuard[_Limit]:
+    """Narrows a field name to a limit, which is what ApiKey.HasField accepts."""
+    return name in get_args(_Limit)
 
 
 def _fields(m: apb.ApiKey, names: list[str]) -> dict[str, Any]:
@@ -86,7 +92,7 @@ def _fields(m: apb.ApiKey, names: list[str]) -> dict[str, Any]:
         if name not in _MASK:
             raise invalid(f"field {name!r} cannot be set", f"update_mask.{name}")
         col = _MASK[name]
-        if name in ("rpm", "tpm", "max_concurrent", "budget"):
+        if _is_limit(name):
             value = getattr(m, name) if m.HasField(name) else None
             if value is not None and value < 0:
                 raise invalid(f"{name} must be >= 0", name)

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -261,7 +261,7 @@ class Gateway:
 
     @observed_stream("chat")
     async def stream_chat(self, req: pb.StreamChatCompletionRequest,
-                          ctx: CallContext) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+                          ctx: CallContext) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         """Relays the upstream chunks. A chunk carrying finish reasons is held until the
         next one so that, when usage follows it, both go out as one last message."""
         started = asyncio.get_running_loop().time()

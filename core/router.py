@@ -54,7 +54,7 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
@@ -72,7 +72,7 @@ T = TypeVar("T")
 log = logging.getLogger("switchboard.router")
 
 Chunk: TypeAlias = pb.StreamChatCompletionResponse
-ChunkIter: TypeAlias = AsyncIterator[Chunk]
+ChunkIter: TypeAlias = AsyncGenerator[Chunk, None]
 
 # A channel limit this close to the caller's deadline is the caller's deadline: the two
 # timers would fire in the same instant, and the caller's is the one that matters.
@@ -627,7 +627,7 @@ class Router:
             return c, it, chunk, total_at
 
         async def discard(opened: tuple[Candidate, ChunkIter, Chunk, float | None]) -> None:
-            await opened[1].aclose()  # type: ignore[attr-defined]
+            await opened[1].aclose()
 
         # The winner's verdict is given when the stream ends (a mid-stream failure
         # overrides the first token's success), so the request still counts once.
@@ -657,7 +657,7 @@ class Router:
                         return
                     yield chunk_or_end
             finally:
-                await it.aclose()  # type: ignore[attr-defined]
+                await it.aclose()
         finally:
             await tally.settle()
 

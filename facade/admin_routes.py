@@ -19,7 +19,7 @@ times RFC 3339). Errors are the same OpenAI-style objects as /v1 (errors_middlew
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import orjson
@@ -33,7 +33,7 @@ from switchboard.v1 import admin_pb2 as apb
 from switchboard.v1 import admin_pb2_grpc as apb_grpc
 
 Caller = Callable[[str, Message, str], Awaitable[Message]]
-ADMIN = web.AppKey("admin_caller", object)
+ADMIN: web.AppKey[Caller] = web.AppKey("admin_caller")
 _MASKABLE = {f.name for f in apb.ApiKey.DESCRIPTOR.fields} - {
     "id", "prefix", "create_time", "update_time", "revoke_time"}
 _CAMEL = {f.json_name: f.name for f in apb.ApiKey.DESCRIPTOR.fields}
@@ -81,7 +81,7 @@ def add_admin_routes(app: web.Application, transport: Any) -> None:
 # ------------------------------------------------------------------ plumbing ----
 
 async def _call(request: web.Request, rpc: str, req: Message, status: int = 200) -> web.Response:
-    caller: Caller = request.app[ADMIN]  # type: ignore[assignment]
+    caller = request.app[ADMIN]
     resp = await caller(rpc, req, bearer_token(request.headers.get("authorization")))
     body = json_format.MessageToDict(resp, preserving_proto_field_name=True,
                                      always_print_fields_with_no_presence=True)
@@ -99,7 +99,10 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def _parse(data: dict[str, Any], msg: Message) -> Message:
+M = TypeVar("M", bound=Message)
+
+
+def _parse(data: dict[str, Any], msg: M) -> M:
     try:
         return json_format.ParseDict(data, msg)
     except json_format.ParseError as exc:

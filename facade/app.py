@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Protocol
 
 import grpc
@@ -152,11 +152,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         params.stream_options.include_usage, ctx)
 
 
-async def _relay_stream(request: web.Request, chunks: object, rid: str,
+async def _relay_stream(request: web.Request,
+                        chunks: AsyncGenerator[pb.StreamChatCompletionResponse, None], rid: str,
                         include_usage: bool, ctx: CallContext) -> web.StreamResponse:
     """SSE relay: headers go out only with the first chunk, so an error before it still
     gets its proper HTTP status; an error after it becomes a final `error` event."""
-    it = chunks.__aiter__()  # type: ignore[attr-defined]
+    it = chunks  # an async generator is its own iterator (and can be aclose()d)
     try:
         first = await it.__anext__()
     except StopAsyncIteration:
