@@ -27,6 +27,7 @@ from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from switchboard.core import bounds
 from switchboard.core.errors import GatewayError, invalid
 from switchboard.core.keys import bearer_token
 from switchboard.v1 import admin_pb2 as apb
@@ -91,7 +92,7 @@ async def _call(request: web.Request, rpc: str, req: Message, status: int = 200)
 async def _json_object(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
-        data = orjson.loads(raw) if raw else {}
+        data = bounds.loads(raw) if raw else {}  # the same depth limit as every JSON body
     except orjson.JSONDecodeError:
         raise invalid("The request body is not valid JSON.", None, code="invalid_json") from None
     if not isinstance(data, dict):
