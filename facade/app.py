@@ -23,12 +23,12 @@ import logging
 import math
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMethod
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from switchboard.core import bounds
@@ -150,8 +150,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         encoding = request.headers.get("content-encoding")
         what = (f"decoded as Content-Encoding: {encoding[:40]}" if encoding
                 else "read (broken chunked transfer encoding)")
-        return error_response(invalid(f"The request body could not be {what}.", None,
+        resp = error_response(invalid(f"The request body could not be {what}.", None,
                                       code="invalid_body"), rid)
+        resp.force_close()  # the rest of the body cannot be framed: say the connection ends
+        return resp
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
@@ -286,6 +288,15 @@ class _JsonErrorProtocol(RequestHandler):
         resp = web.Response(body=oj.error_json(err), status=status, content_type=_JSON)
         resp.force_close()  # the parser's state is unknown: never reuse this connection
         return resp
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # After a refused body aiohttp drains the rest of it and meets the same broken
+        # framing/encoding again: the client's fault, already answered with a 400.
+        exc = kw.get("exc_info")
+        if isinstance(exc, (web.RequestPayloadError, HttpProcessingError)):
+            self.logger.debug("broken request body from a client: %s", exc)
+            return
+        super().log_exception(*args, **kw)
 
 
 class _JsonErrorServer(web.Server):
