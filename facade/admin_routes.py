@@ -27,9 +27,9 @@ from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from switchboard.core import bounds
 from switchboard.core.errors import GatewayError, invalid
 from switchboard.core.keys import bearer_token
+from switchboard.facade.body import read_json
 from switchboard.v1 import admin_pb2 as apb
 from switchboard.v1 import admin_pb2_grpc as apb_grpc
 
@@ -90,11 +90,8 @@ async def _call(request: web.Request, rpc: str, req: Message, status: int = 200)
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        data = bounds.loads(raw) if raw else {}  # the same depth limit as every JSON body
-    except orjson.JSONDecodeError:
-        raise invalid("The request body is not valid JSON.", None, code="invalid_json") from None
+    # the same size, encoding and depth limits as every JSON body
+    data = await read_json(request, empty={})
     if not isinstance(data, dict):
         raise invalid("The request body must be a JSON object.", None)
     return data

@@ -31,12 +31,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-from switchboard.core import bounds
 from switchboard.core.errors import GatewayError, invalid
 from switchboard.core.gateway import CallContext, new_request_id
 from switchboard.core.keys import bearer_token
 from switchboard.facade import openai_json as oj
 from switchboard.facade.admin_routes import add_admin_routes
+from switchboard.facade.body import read_json
 from switchboard.facade.transport import Transport
 from switchboard.v1 import inference_pb2 as pb
 
@@ -107,19 +107,7 @@ def error_response(err: GatewayError, rid: str) -> web.Response:
 
 
 async def _body(request: web.Request) -> object:
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"Request body exceeds the limit of {request.app._client_max_size} "
-                           "bytes.", code="request_too_large") from None
-    if not raw:
-        raise invalid("The request body is empty; send a JSON object.", None)
-    try:
-        return bounds.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise invalid(f"We could not parse the JSON body of your request ({exc.msg} at "
-                      f"position {exc.pos}).", None, code="invalid_json") from None
+    return await read_json(request)
 
 
 @web.middleware
@@ -145,13 +133,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         resp.set_status(exc.status)
         return resp
     except web.RequestPayloadError:
-        # Any handler reading the body: its framing or encoding is broken (a bad chunk
-        # size, or a Content-Encoding the bytes do not match, e.g. "gzip" on plain JSON).
-        encoding = request.headers.get("content-encoding")
-        what = (f"decoded as Content-Encoding: {encoding[:40]}" if encoding
-                else "read (broken chunked transfer encoding)")
-        resp = error_response(invalid(f"The request body could not be {what}.", None,
-                                      code="invalid_body"), rid)
+        # Any handler reading the body: its framing is broken (e.g. a bad chunk size).
+        resp = error_response(invalid("The request body could not be read: its transfer "
+                                      "framing is broken.", None, code="invalid_body"), rid)
         resp.force_close()  # the rest of the body cannot be framed: say the connection ends
         return resp
     except (asyncio.CancelledError, ConnectionResetError):
@@ -307,7 +291,11 @@ class _JsonErrorServer(web.Server):
 class JsonErrorRunner(web.AppRunner):
     """web.AppRunner whose connections answer parser errors with OpenAI-shaped JSON.
     aiohttp has no public hook for them (they bypass middlewares), so the server the
-    runner builds is given a protocol class that overrides `handle_error`."""
+    runner builds is given a protocol class that overrides `handle_error`. Request
+    bodies are decompressed by facade/body.py, not by aiohttp (see there why)."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, auto_decompress=False, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -168,10 +169,40 @@ async def test_content_encoding_that_does_not_match_the_body_is_400(stack: Stack
     status, _, body = await post(stack, CHAT, orjson.dumps(BASE), {"content-encoding": "gzip"})
     assert status == 400, body
     assert "gzip" in assert_openai_error(body, None)["message"]
-    # a real gzip body is read as usual
+    # a real gzip or deflate body is read as usual
     status, _, body = await post(stack, CHAT, gzip.compress(orjson.dumps(BASE)),
                                  {"content-encoding": "gzip"})
     assert status == 200, body
+    status, _, body = await post(stack, CHAT, zlib.compress(orjson.dumps(BASE)),
+                                 {"content-encoding": "deflate"})
+    assert status == 200, body
+    status, _, body = await post(stack, CHAT, orjson.dumps(BASE), {"content-encoding": "br"})
+    assert status == 400, body
+    assert_openai_error(body, "content-encoding")
+    # a compressed bomb: 25 MB of zeros in ~25 KB, past max_body_bytes once inflated
+    bomb = gzip.compress(b'{"model": "gpt-4o", "x": "' + b"0" * 25_000_000 + b'"}')
+    assert len(bomb) < 100_000
+    status, _, body = await post(stack, CHAT, bomb, {"content-encoding": "gzip"})
+    assert status == 413, body
+    assert_openai_error(body, None)
+
+
+async def test_a_cut_deflate_body_after_the_headers_is_400_not_a_hang(stack: Stack) -> None:
+    """aiohttp's own decoder left such a request waiting forever: the headers start the
+    handler, and the body's decode error went to the parser instead of to the handler."""
+    host, port = stack.http_url.removeprefix("http://").rsplit(":", 1)
+    for body in (b"\x04", b"x\x9c", zlib.compress(orjson.dumps(BASE))[:-6]):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + TEST_KEY.encode() + b"\r\nContent-Encoding: deflate\r\n"
+                     + b"Content-Length: %d\r\n\r\n" % len(body))
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the body arrives on its own, after the handler started
+        writer.write(body)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 400"), (body, head)
 
 
 async def test_timeout_header_must_be_finite_and_positive(stack: Stack) -> None:
