@@ -9,6 +9,7 @@ grpc.aio, a failing deserializer ends the call UNKNOWN with a Python class name 
 
 from __future__ import annotations
 
+import inspect
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -93,16 +94,22 @@ def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     deserializer = _safe_deserializer(handler.request_deserializer)
     if handler.response_streaming:
         stream = handler.unary_stream
-
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext
-                               ) -> AsyncIterator[Any]:
-            if isinstance(request, _Rejected):
-                await abort(context, request.error, new_request_id())
-            async for item in stream(request, context):
-                yield item
-
+        if inspect.isasyncgenfunction(stream):
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext
+                                   ) -> AsyncIterator[Any]:
+                if isinstance(request, _Rejected):
+                    await abort(context, request.error, new_request_id())
+                async for item in stream(request, context):
+                    yield item
+            behaviour: Any = unary_stream
+        else:  # a coroutine writing with context.write (grpc.health's Watch)
+            async def unary_write(request: Any, context: grpc.aio.ServicerContext) -> None:
+                if isinstance(request, _Rejected):
+                    await abort(context, request.error, new_request_id())
+                await stream(request, context)
+            behaviour = unary_write
         return grpc.unary_stream_rpc_method_handler(
-            unary_stream, request_deserializer=deserializer,
+            behaviour, request_deserializer=deserializer,
             response_serializer=handler.response_serializer)
     unary = handler.unary_unary
 
@@ -146,10 +153,10 @@ def build_grpc_server(gateway: Gateway, address: str, *, reuse_port: bool = Fals
     guard = _RequestGuard(server)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(gateway), guard)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(AdminAPI(gateway)), guard)
-    if len(guard.services) != 2:  # generated code that no longer registers by name
-        raise RuntimeError("gRPC services were not registered through the request guard")
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, guard)
+    if len(guard.services) != 3:  # generated code that no longer registers by name
+        raise RuntimeError("gRPC services were not registered through the request guard")
     service_names = (
         inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
         admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,

@@ -267,12 +267,13 @@ def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     raise AssertionError("no ErrorInfo in the status details")
 
 
-@pytest.mark.parametrize("method", ["CreateChatCompletion", "StreamChatCompletion", "CreateImage",
-                                    "ListModels"])
-async def test_grpc_bytes_that_do_not_decode_are_invalid_argument(stack: Stack, method: str) -> None:
+@pytest.mark.parametrize("path", [f"/switchboard.v1.InferenceService/{m}" for m in (
+    "CreateChatCompletion", "StreamChatCompletion", "CreateImage", "ListModels")] + [
+    "/switchboard.v1.AdminService/CreateKey", "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch"])
+async def test_grpc_bytes_that_do_not_decode_are_invalid_argument(stack: Stack, path: str) -> None:
     ident = lambda b: b  # noqa: E731 - send and receive raw bytes
-    path = f"/switchboard.v1.InferenceService/{method}"
-    streaming = method.startswith("Stream")
+    streaming = "/Stream" in path or path.endswith("/Watch")
     call_type = stack.channel.unary_stream if streaming else stack.channel.unary_unary
     call = call_type(path, request_serializer=ident, response_deserializer=ident)
     for garbage in (b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x08" + b"\x80" * 11):

@@ -241,7 +241,8 @@ def test_fuzz_raw_bodies_and_headers(http: httpx.Client, raw: bytes, headers: di
 GRPC_METHODS = ["/switchboard.v1.InferenceService/CreateChatCompletion",
                 "/switchboard.v1.InferenceService/CreateImage",
                 "/switchboard.v1.InferenceService/GetModel",
-                "/switchboard.v1.AdminService/CreateKey"]
+                "/switchboard.v1.AdminService/CreateKey",
+                "/grpc.health.v1.Health/Check"]
 
 
 @pytest.fixture(scope="module")
