@@ -87,8 +87,8 @@ async def supervise(argv: list[str], workers: int) -> int:
             for p in procs:
                 if p.returncode is None:
                     p.terminate()
-            await asyncio.gather(*(p.wait() for p in procs))
-            return 1
+            codes = await asyncio.gather(*(p.wait() for p in procs))
+            return 2 if 2 in codes else 1  # 2: a worker could not listen (its line says why)
         ready = line.rstrip("\n")
     print(f"{ready} workers={workers}", flush=True)
     # SIGHUP (config reload) goes to every worker; the supervisor itself holds no config.
