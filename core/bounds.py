@@ -20,7 +20,7 @@ import math
 from typing import Any
 
 import orjson
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from switchboard.core.errors import GatewayError, invalid
@@ -80,8 +80,9 @@ def loads(raw: bytes | str, param: str | None = None) -> Any:
     return value
 
 
-def check_scalar(field: FieldDescriptor, value: Any, param: str) -> None:
-    """Raise a 400 naming `param` unless `value` fits the numeric proto `field`."""
+def check_scalar(field: Any, value: Any, param: str) -> None:
+    """Raise a 400 naming `param` unless `value` fits the numeric proto `field` (a
+    FieldDescriptor: typed Any, the stubs know the pure-Python class but not upb's)."""
     cpp = field.cpp_type
     bounds = _INT_RANGES.get(cpp)
     if bounds is not None:
@@ -108,7 +109,7 @@ def _check_text(text: str, param: str) -> None:
 _PLAN: dict[str, tuple[list[FieldDescriptor], list[FieldDescriptor], list[FieldDescriptor]]] = {}
 
 
-def _plan(desc: Descriptor) -> tuple[list[FieldDescriptor], list[FieldDescriptor],
+def _plan(desc: Any) -> tuple[list[FieldDescriptor], list[FieldDescriptor],
                                      list[FieldDescriptor]]:
     plan = _PLAN.get(desc.full_name)
     if plan is None:

@@ -214,8 +214,8 @@ def _rejected(exc: Exception) -> GatewayError:
     return invalid(f"A value in the request is not valid for its field: {exc}.", None)
 
 
-_LOGIT_BIAS_VALUE = pb.ChatCompletionParams.DESCRIPTOR.fields_by_name[
-    "logit_bias"].message_type.fields_by_name["value"]
+_LOGIT_BIAS_VALUE: Any = pb.ChatCompletionParams.DESCRIPTOR.fields_by_name[
+    "logit_bias"].message_type.fields_by_name["value"]  # type: ignore[union-attr]
 
 
 def _parse_chat(body: Any) -> tuple[pb.ChatCompletionParams, bool]:
