@@ -38,6 +38,7 @@ from switchboard.core.cli_admin import run_admin
 from switchboard.core.config import DEMO_KEY, Config, ConfigError, demo_config, load_config
 from switchboard.core.logs import setup_logging
 from switchboard.core.runtime import Runtime
+from switchboard.core.server import ListenError
 
 log = logging.getLogger("switchboard")
 
@@ -86,8 +87,8 @@ async def supervise(argv: list[str], workers: int) -> int:
             for p in procs:
                 if p.returncode is None:
                     p.terminate()
-            await asyncio.gather(*(p.wait() for p in procs))
-            return 1
+            codes = await asyncio.gather(*(p.wait() for p in procs))
+            return 2 if 2 in codes else 1  # 2: a worker could not listen (its line says why)
         ready = line.rstrip("\n")
     print(f"{ready} workers={workers}", flush=True)
     # SIGHUP (config reload) goes to every worker; the supervisor itself holds no config.
@@ -185,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             runner.run(run(args.cmd, config, http=args.http, grpc_addr=args.grpc,
                            core_target=getattr(args, "core", None), reuse_port=args.worker))
+        except ListenError as exc:  # port taken, bad address: one line, no traceback
+            print(f"switchboard: {exc}", file=sys.stderr)
+            return 2
         except OSError as exc:
             print(f"switchboard: cannot start: {exc}", file=sys.stderr)
             return 1

@@ -29,6 +29,7 @@ from google.protobuf.message import Message
 
 from switchboard.core.errors import GatewayError, invalid
 from switchboard.core.keys import bearer_token
+from switchboard.facade.body import read_json
 from switchboard.v1 import admin_pb2 as apb
 from switchboard.v1 import admin_pb2_grpc as apb_grpc
 
@@ -89,11 +90,8 @@ async def _call(request: web.Request, rpc: str, req: Message, status: int = 200)
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        data = orjson.loads(raw) if raw else {}
-    except orjson.JSONDecodeError:
-        raise invalid("The request body is not valid JSON.", None, code="invalid_json") from None
+    # the same size, encoding and depth limits as every JSON body
+    data = await read_json(request, empty={})
     if not isinstance(data, dict):
         raise invalid("The request body must be a JSON object.", None)
     return data
