@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
 import signal
@@ -142,6 +143,8 @@ def _event_loop_runner() -> asyncio.Runner:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="switchboard", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version",
+                        version=f"switchboard {importlib.metadata.version('switchboard')}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("check-config", help="validate a config file and exit").add_argument(
         "file", help="YAML config file")

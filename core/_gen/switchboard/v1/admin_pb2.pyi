@@ -63,7 +63,7 @@ CHANNEL_HEALTH_OPEN: ChannelHealth
 CHANNEL_HEALTH_HALF_OPEN: ChannelHealth
 
 class ApiKey(_message.Message):
-    __slots__ = ("id", "name", "owner", "prefix", "models", "rpm", "tpm", "max_concurrent", "budget", "budget_unit", "budget_period", "expire_time", "allowed_cidrs", "enabled", "metadata", "create_time", "update_time", "revoke_time")
+    __slots__ = ("id", "name", "owner", "prefix", "models", "rpm", "tpm", "max_concurrent", "budget", "budget_unit", "budget_period", "expire_time", "allowed_cidrs", "enabled", "metadata", "create_time", "update_time", "revoke_time", "static")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class ApiKey(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     REVOKE_TIME_FIELD_NUMBER: _ClassVar[int]
+    STATIC_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     owner: str
@@ -107,7 +108,8 @@ class ApiKey(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     revoke_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., prefix: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., budget: _Optional[float] = ..., budget_unit: _Optional[_Union[BudgetUnit, str]] = ..., budget_period: _Optional[_Union[BudgetPeriod, str]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allowed_cidrs: _Optional[_Iterable[str]] = ..., enabled: _Optional[bool] = ..., metadata: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    static: bool
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., prefix: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., budget: _Optional[float] = ..., budget_unit: _Optional[_Union[BudgetUnit, str]] = ..., budget_period: _Optional[_Union[BudgetPeriod, str]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allowed_cidrs: _Optional[_Iterable[str]] = ..., enabled: _Optional[bool] = ..., metadata: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., static: _Optional[bool] = ...) -> None: ...
 
 class CreateKeyRequest(_message.Message):
     __slots__ = ("key",)
@@ -124,12 +126,14 @@ class CreateKeyResponse(_message.Message):
     def __init__(self, key: _Optional[_Union[ApiKey, _Mapping]] = ..., secret: _Optional[str] = ...) -> None: ...
 
 class ListKeysRequest(_message.Message):
-    __slots__ = ("owner", "include_revoked")
+    __slots__ = ("owner", "include_revoked", "include_static")
     OWNER_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_REVOKED_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_STATIC_FIELD_NUMBER: _ClassVar[int]
     owner: str
     include_revoked: bool
-    def __init__(self, owner: _Optional[str] = ..., include_revoked: _Optional[bool] = ...) -> None: ...
+    include_static: bool
+    def __init__(self, owner: _Optional[str] = ..., include_revoked: _Optional[bool] = ..., include_static: _Optional[bool] = ...) -> None: ...
 
 class ListKeysResponse(_message.Message):
     __slots__ = ("keys",)
