@@ -278,3 +278,15 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     assert command.startswith("pip install") and "pytest" in command
     assert f"\n{command}\n" in ci
     assert "git clone" in ci and "mktemp -d" in ci
+
+
+def test_design_references_and_local_links_resolve() -> None:
+    """The code's "see the design" references point at docs/design.md, which exists, and
+    every relative link in the README and docs names a file in the repository."""
+    assert (REPO / "docs" / "design.md").is_file()
+    sources = [*REPO.glob("core/**/*.py"), *REPO.glob("facade/*.py"), *DOCS]
+    assert not [str(p) for p in sources if "DESIGN.md" in p.read_text()]
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", doc.read_text()):
+            if "://" not in target:
+                assert (doc.parent / target).exists(), f"{doc.name}: broken link {target}"
