@@ -90,6 +90,10 @@ def redis_prefix() -> Iterator[str]:
 
 from tests import fsguard  # noqa: E402
 
+# HTTP clients with trust_env (aiohttp in google-genai's SDK) read ~/.netrc for credentials.
+# The suite must not pick up, or send to a fake upstream, whatever the developer keeps
+# there: point them at an empty file.
+os.environ["NETRC"] = os.devnull
 fsguard.install()
 
 
