@@ -22,7 +22,7 @@ import inspect
 import ipaddress
 import logging
 import time
-from typing import Any
+from typing import Any, Literal, TypeGuard, get_args
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -51,9 +51,7 @@ _MASK = {"name": "name", "owner": "owner", "models": "models", "rpm": "rpm", "tp
          "allowed_cidrs": "cidrs", "enabled": "enabled", "metadata": "metadata"}
 
 
-def _ts(seconds: float | None) -> timestamp_pb2.Timestamp | None:
-    if seconds is None:
-        return None
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
     t = timestamp_pb2.Timestamp()
     t.FromNanoseconds(int(seconds * 1e9))
     return t
@@ -73,10 +71,18 @@ def key_message(k: StoredKey) -> apb.ApiKey:
             setattr(m, name, value)
     for field, value in (("expire_time", k.expires_at), ("create_time", k.created_at),
                          ("update_time", k.updated_at), ("revoke_time", k.revoked_at)):
-        ts = _ts(value)
-        if ts is not None:
-            getattr(m, field).CopyFrom(ts)
+        if value is not None:
+            getattr(m, field).CopyFrom(_ts(value))
     return m
+
+
+# The key's proto3 `optional` limits: unset means "no limit", so presence is checked.
+_Limit = Literal["rpm", "tpm", "max_concurrent", "budget"]
+
+
+def _is_limit(name: str) -> TypeGuard[_Limit]:
+    """Narrows a field name to a limit, which is what ApiKey.HasField accepts."""
+    return name in get_args(_Limit)
 
 
 STATIC_PREFIX = "static:"
@@ -104,7 +110,7 @@ def _fields(m: apb.ApiKey, names: list[str]) -> dict[str, Any]:
         if name not in _MASK:
             raise invalid(f"field {name!r} cannot be set", f"update_mask.{name}")
         col = _MASK[name]
-        if name in ("rpm", "tpm", "max_concurrent", "budget"):
+        if _is_limit(name):
             value = getattr(m, name) if m.HasField(name) else None
             if value is not None and value < 0:
                 raise invalid(f"{name} must be >= 0", name)
@@ -147,7 +153,8 @@ def _period_range(req: apb.QueryUsageRequest) -> tuple[float | None, float | Non
 
 
 def _row(t: UsageTotals) -> apb.UsageRow:
-    return apb.UsageRow(key_id=t.key_id, key_name=t.key_name, model=t.model, requests=t.requests,
+    return apb.UsageRow(key_id=t.key_id, key_name=t.key_name, model=t.model,
+                        served_model=t.served_model, requests=t.requests,
                         errors=t.errors, prompt_tokens=t.prompt_tokens,
                         completion_tokens=t.completion_tokens, cached_tokens=t.cached_tokens,
                         reasoning_tokens=t.reasoning_tokens, cost=t.cost,
@@ -207,10 +214,12 @@ class AdminAPI:
 
     async def create_key(self, req: apb.CreateKeyRequest, token: str) -> apb.CreateKeyResponse:
         self.authorize(token)
+        # Every settable field is honoured; `enabled` left unset means enabled.
         fields = _fields(req.key, [n for n in _MASK if n != "enabled"])
+        fields["enabled"] = req.key.enabled if req.key.HasField("enabled") else True
         secret = new_secret()
         stored = StoredKey(id=new_key_id(), key_hash=hash_key(secret), prefix=secret[:PREFIX_LEN],
-                           enabled=True, **fields)
+                           **fields)
         stored = await self._store().create_key(stored)
         log.info("admin: created key %s (%s)", stored.id, stored.name)
         return apb.CreateKeyResponse(key=key_message(stored), secret=secret)
@@ -271,9 +280,11 @@ class AdminAPI:
         if flush is not None:
             await flush()  # this replica's buffered rows count too
         since, until = _period_range(req)
-        groups = {apb.USAGE_GROUP_KEY: "key", apb.USAGE_GROUP_MODEL: "model"}
+        groups = {apb.USAGE_GROUP_KEY: "key", apb.USAGE_GROUP_MODEL: "model",
+                  apb.USAGE_GROUP_SERVED_MODEL: "served_model"}
         rows = await store.usage(key_id=req.key_id, model=req.model, since=since, until=until,
-                                 group_by=[groups[g] for g in req.group_by if g in groups])
+                                 group_by=[groups[g] for g in req.group_by if g in groups],
+                                 served_model=req.served_model)
         resp = apb.QueryUsageResponse(rows=[_row(t) for t in rows])
         if since is not None:
             resp.start_time.CopyFrom(_ts(since))

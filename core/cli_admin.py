@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from switchboard.v1 import admin_pb2 as apb
@@ -57,6 +57,7 @@ def register(sub: Any) -> None:
     c.add_argument("--expires", help="ISO time (2026-12-31T00:00:00Z) or a duration: 30d, 12h, 90m")
     c.add_argument("--cidr", action="append", default=[], help="allowed client network (repeatable)")
     c.add_argument("--meta", action="append", default=[], help="metadata KEY=VALUE (repeatable)")
+    c.add_argument("--disabled", action="store_true", help="create the key disabled")
     ls = ks.add_parser("list", parents=[common], help="list keys")
     ls.add_argument("--owner", default="")
     ls.add_argument("--all", action="store_true", help="include revoked keys")
@@ -68,9 +69,12 @@ def register(sub: Any) -> None:
     r.add_argument("id", help="key id, or the key's name when only one key has it")
     u = sub.add_parser("usage", parents=[common], help="usage totals from the ledger (admin API)")
     u.add_argument("--key", default="", help="key id")
-    u.add_argument("--model", default="")
+    u.add_argument("--model", default="", help="model requested (alias, route or model)")
+    u.add_argument("--served", default="", help="model that served the requests")
     u.add_argument("--period", choices=("day", "month", "total"), default="total")
-    u.add_argument("--by", default="key,model", help="group by: key, model, both or none")
+    u.add_argument("--by", default="key,model,served",
+                   help="group by any of key, model (requested), served (model that answered); "
+                        "or none")
 
 
 def _expiry(text: str) -> dt.datetime:
@@ -88,7 +92,7 @@ def _create_request(a: argparse.Namespace) -> apb.CreateKeyRequest:
                      budget_unit=apb.BUDGET_UNIT_USD if a.budget_unit == "usd" else apb.BUDGET_UNIT_TOKENS,
                      budget_period={"day": apb.BUDGET_PERIOD_DAY, "month": apb.BUDGET_PERIOD_MONTH,
                                     "total": apb.BUDGET_PERIOD_TOTAL}[a.budget_period],
-                     allowed_cidrs=a.cidr)
+                     allowed_cidrs=a.cidr, enabled=not a.disabled)
     for name in ("rpm", "tpm", "max_concurrent", "budget"):
         if getattr(a, name) is not None:
             setattr(key, name, getattr(a, name))
@@ -124,7 +128,7 @@ _INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescript
           FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
 
 
-def _numbers(node: Any, desc: Descriptor) -> Any:
+def _numbers(node: Any, desc: Any) -> Any:  # a (python or upb) message Descriptor
     """Proto3's JSON mapping writes 64-bit integers as strings ("requests": "12"); a CLI's
     --json output is for jq and scripts, so counts become JSON numbers again."""
     if not isinstance(node, dict):
@@ -190,17 +194,19 @@ def _resolve_key(stub: apb_grpc.AdminServiceStub, md: Any, ident: str) -> str:
 
 def _dispatch(a: argparse.Namespace, stub: apb_grpc.AdminServiceStub, md: Any) -> int:
     if a.cmd == "usage":
-        req = apb.QueryUsageRequest(key_id=a.key, model=a.model, period={
+        req = apb.QueryUsageRequest(key_id=a.key, model=a.model, served_model=a.served, period={
             "day": apb.USAGE_PERIOD_DAY, "month": apb.USAGE_PERIOD_MONTH,
             "total": apb.USAGE_PERIOD_TOTAL}[a.period])
         by = {p.strip() for p in a.by.split(",")}
         req.group_by.extend(g for n, g in (("key", apb.USAGE_GROUP_KEY),
-                                           ("model", apb.USAGE_GROUP_MODEL)) if n in by)
+                                           ("model", apb.USAGE_GROUP_MODEL),
+                                           ("served", apb.USAGE_GROUP_SERVED_MODEL)) if n in by)
         u = stub.QueryUsage(req, metadata=md, timeout=30)
-        lines = [f"{'key':<22} {'model':<24} {'requests':>8} {'errors':>6} {'prompt':>10} "
-                 f"{'completion':>10} {'cost $':>10}"]
-        lines += [f"{(r.key_name or r.key_id or '-'):<22} {(r.model or '-'):<24} {r.requests:>8} "
-                  f"{r.errors:>6} {r.prompt_tokens:>10} {r.completion_tokens:>10} {money(r.cost):>10}"
+        lines = [f"{'key':<22} {'model':<24} {'served by':<24} {'requests':>8} {'errors':>6} "
+                 f"{'prompt':>10} {'completion':>10} {'cost $':>10}"]
+        lines += [f"{(r.key_name or r.key_id or '-'):<22} {(r.model or '-'):<24} "
+                  f"{(r.served_model or '-'):<24} {r.requests:>8} {r.errors:>6} "
+                  f"{r.prompt_tokens:>10} {r.completion_tokens:>10} {money(r.cost):>10}"
                   for r in u.rows]
         _print(u, a.json, "\n".join(lines))
         return 0

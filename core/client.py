@@ -26,7 +26,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from switchboard.core.errors import GatewayError
+from switchboard.core.errors import GatewayError, rpc_trailers
 from switchboard.v1 import inference_pb2 as pb
 from switchboard.v1 import inference_pb2_grpc as pb_grpc
 
@@ -114,7 +114,7 @@ def error_from_rpc(err: grpc.RpcError) -> SwitchboardError:
     """The typed exception for a failed call (status details parsed by core/errors.py)."""
     g = GatewayError.from_rpc_error(err)
     rid = ""
-    for key, value in _trailers(err):
+    for key, value in rpc_trailers(err):
         if key == "x-request-id" and isinstance(value, str):
             rid = value
     cls = _BY_STATUS.get(g.status, InternalError)
@@ -122,11 +122,6 @@ def error_from_rpc(err: grpc.RpcError) -> SwitchboardError:
                request_id=rid)
 
 
-def _trailers(err: grpc.RpcError) -> tuple[tuple[str, Any], ...]:
-    try:
-        return tuple(err.trailing_metadata() or ())
-    except Exception:
-        return ()
 
 
 # -------------------------------------------------------------- messages ----

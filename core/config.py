@@ -103,12 +103,16 @@ class RouteConfig:
 
 @dataclass(frozen=True)
 class CircuitSettings:
-    """A channel failing `threshold` times within `window_s` is cooled down for `cooldown_s`,
-    then one trial request decides whether it closes again (core/circuit.py)."""
+    """A channel is cooled down for `cooldown_s` when, within the last `window_s`, at
+    least `min_requests` requests reached it and at least `failure_ratio` of them
+    failed; then up to `half_open_requests` trials at a time decide whether it closes
+    again (core/circuit.py, which also says why these defaults)."""
 
-    threshold: int = 5
+    failure_ratio: float = 0.5
+    min_requests: int = 20
     window_s: float = 30.0
     cooldown_s: float = 30.0
+    half_open_requests: int = 1
 
 
 @dataclass(frozen=True)
@@ -451,15 +455,24 @@ def parse_config(data: Any, source: str) -> Config:
     rd = r.mapping(d.get("router"), "router")
     r.unknown(rd, {"max_attempts", "backoff_ms", "max_retry_after_s", "circuit"}, "router")
     cd = r.mapping(rd.get("circuit"), "router.circuit")
-    r.unknown(cd, {"threshold", "window_s", "cooldown_s"}, "router.circuit")
+    if "threshold" in cd:
+        raise r.fail("router.circuit.threshold", "replaced by failure_ratio + min_requests "
+                     "(the circuit now opens on a failure ratio; docs/failure-contract.md)")
+    r.unknown(cd, {"failure_ratio", "min_requests", "window_s", "cooldown_s",
+                   "half_open_requests"}, "router.circuit")
+    ratio = r.num(cd, "failure_ratio", "router.circuit", 0.5)
+    if ratio is not None and not 0 < ratio <= 1:
+        raise r.fail("router.circuit.failure_ratio", "must be more than 0 and at most 1")
     router = RouterSettings(
         max_attempts=int(r.int_(rd, "max_attempts", "router", 3) or 1),
         backoff_ms=r.num(rd, "backoff_ms", "router", 50.0) or 0.0,
         max_retry_after_s=r.num(rd, "max_retry_after_s", "router", 2.0) or 0.0,
         circuit=CircuitSettings(
-            threshold=int(r.int_(cd, "threshold", "router.circuit", 5) or 1),
+            failure_ratio=ratio or 0.5,
+            min_requests=int(r.int_(cd, "min_requests", "router.circuit", 20) or 1),
             window_s=r.num(cd, "window_s", "router.circuit", 30.0) or 0.0,
             cooldown_s=r.num(cd, "cooldown_s", "router.circuit", 30.0) or 0.0,
+            half_open_requests=int(r.int_(cd, "half_open_requests", "router.circuit", 1) or 1),
         ),
     )
     limits_backend, limit_settings = _limits(r, d.get("limits"))

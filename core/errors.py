@@ -11,14 +11,15 @@ as plain trailing metadata with their HTTP names.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 ERROR_DOMAIN = "switchboard.dev"
-_DETAILS_KEY = "grpc-status-details-bin"
 
 # gRPC status -> (HTTP status, OpenAI error.type, default OpenAI error.code)
 _TABLE: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
@@ -117,7 +118,8 @@ class GatewayError(Exception):
             failure = error_details_pb2.QuotaFailure()
             failure.violations.add(subject=self.quota[0], description=self.quota[1])
             status.details.add().Pack(failure)
-        trailers: list[tuple[str, str | bytes]] = [(_DETAILS_KEY, status.SerializeToString())]
+        # grpcio-status owns the trailer's key and encoding (the serialized Status).
+        trailers: list[tuple[str, str | bytes]] = list(rpc_status.to_status(status).trailing_metadata)
         trailers.extend((k.lower(), v) for k, v in self.headers.items())
         return tuple(trailers)
 
@@ -128,27 +130,42 @@ class GatewayError(Exception):
         message: str = err.details() or status.name
         code = param = None
         retry_after = None
-        headers: dict[str, str] = {}
-        for key, value in err.trailing_metadata() or ():
-            if key == _DETAILS_KEY:
-                detail = status_pb2.Status.FromString(value)
-                for any_ in detail.details:
-                    if any_.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                        info = error_details_pb2.ErrorInfo()
-                        any_.Unpack(info)
-                        code = info.reason or None
-                        param = info.metadata.get("param")
-                    elif any_.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                        retry = error_details_pb2.RetryInfo()
-                        any_.Unpack(retry)
-                        retry_after = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
-            elif key.startswith("x-ratelimit-") and isinstance(value, str):
-                headers[key] = value
+        try:
+            # None when the call carries no details; grpcio-status checks they agree with
+            # the call's own code and message.
+            detail: status_pb2.Status | None = rpc_status.from_call(err)
+        except ValueError:
+            detail = None  # details that contradict the status are not ours: ignore them
+        for any_ in detail.details if detail is not None else ():
+            if any_.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                any_.Unpack(info)
+                code = info.reason or None
+                param = info.metadata.get("param")
+            elif any_.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                any_.Unpack(retry)
+                retry_after = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
+        headers = {key: value for key, value in rpc_trailers(err)
+                   if key.startswith("x-ratelimit-") and isinstance(value, str)}
         if status == grpc.StatusCode.INTERNAL and code is None:
             # A transport-level failure, not one of ours: do not leak its details.
             message = "internal error in the gateway core"
         return cls(status, message, code=code, param=param, retry_after=retry_after,
                    headers=headers)
+
+
+def rpc_trailers(err: grpc.RpcError) -> tuple[tuple[str, str | bytes], ...]:
+    """The trailing metadata of a failed call as (key, value) pairs; () if it has none.
+
+    types-grpcio declares RpcError.trailing_metadata() as objects with .key/.value, but
+    both the sync errors and grpc.aio's AioRpcError yield plain (key, value) pairs at
+    run time, which is what every caller here unpacks; hence the cast."""
+    try:
+        pairs = cast(Iterable[tuple[str, str | bytes]] | None, err.trailing_metadata())
+        return tuple(pairs or ())
+    except Exception:  # an error raised before the call had trailers
+        return ()
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> GatewayError:

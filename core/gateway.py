@@ -1,5 +1,9 @@
 """The request pipeline both surfaces share: authenticate → validate → check model access
-→ reserve limits (core/limits.py) → route → settle limits and record usage. The gRPC
+→ reserve limits (core/limits.py) → route → settle limits and record usage.
+
+Model access: the key's allowlist must allow the model requested AND every public
+model a route can resolve it to (`_check_targets`); usage is recorded, and priced, by
+the model that actually served the request (`Outcome.model`) next to the one asked. The gRPC
 servicers (core/service.py) and the in-process façade transport call exactly these
 methods with the same messages, so REST and gRPC get the same answers, errors, limits
 and usage records.
@@ -14,7 +18,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -45,6 +49,9 @@ class CallContext:
     deadline: float | None = None  # event-loop time; None = no caller deadline
     peer: str = ""
     traceparent: str = ""  # W3C trace context from the caller (REST header / gRPC metadata)
+    # Set by the gateway once the request is admitted: x-ratelimit-* for the response
+    # (REST headers, gRPC initial metadata); None when the key has no rate limits.
+    response_headers: dict[str, str] | None = None
 
 
 @dataclass
@@ -110,6 +117,7 @@ class Gateway:
         self.observer = Observer(config, known_model=lambda m: self.router.knows(m),
                                  circuit_source=self._circuit_states)
         self.router.attempt_hook = self.observer.attempt
+        self.router.panic_hook = self.observer.metrics.circuit_panicked
         update_secrets(config)
 
     async def _circuit_states(self) -> list[tuple[str, str]]:
@@ -121,13 +129,17 @@ class Gateway:
         Everything new is built before anything is swapped, so a config that fails to
         build leaves the old one serving. Requests already running keep the router they
         started with (streams are not dropped); circuit state carries over by channel
-        name. Listen addresses, store and limits backends need a restart."""
-        router = Router(config, self.http, breaker=self.router.breaker, drain=self.router.drain)
+        name and takes the new `router.circuit` settings. Listen addresses, store and
+        limits backends need a restart."""
+        router = Router(config, self.http, breaker=self.router.breaker, drain=self.router.drain,
+                        panics=self.router.panics)
         router.attempt_hook = self.observer.attempt
+        router.panic_hook = self.observer.metrics.circuit_panicked
         # Static keys are swapped in place; a store-backed ring keeps its stored keys.
         self.keys.reload_static(config.keys)
         update_secrets(config)
         self.config, self.router = config, router
+        router.breaker.configure(config.router.circuit)
 
     async def close(self) -> None:
         await self.observer.close()
@@ -148,7 +160,32 @@ class Gateway:
         if not self.router.knows(model):
             raise model_not_found(model)
         check_model_allowed(key, model)
+        self._check_targets(key, model)
         return key
+
+    def _check_targets(self, key: KeyRecord, model: str) -> None:
+        """A route (alias, fallback chain) may reach only models the key may use: every
+        public model it can resolve to must pass the key's allowlist too, else the whole
+        request is refused (403) — never quietly served by a model the key may not use,
+        and never shortened to the targets that pass (which would change what the alias
+        means per key)."""
+        if key.models == ("*",):
+            return
+        for target in self.router.targets(model):
+            if target != model and not key.allows(target):
+                raise GatewayError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"The API key '{key.name}' is not allowed to use model `{target}`, "
+                    f"which `{model}` routes to.", code="model_not_allowed", param="model")
+
+    def _may_use(self, key: KeyRecord, model: str) -> bool:
+        if not key.allows(model):
+            return False
+        try:
+            self._check_targets(key, model)
+        except GatewayError:
+            return False
+        return True
 
     def _record(self, ctx: CallContext, key: KeyRecord | None, model: str, started: float,
                 outcome: Outcome, usage: pb.Usage | None, status: grpc.StatusCode,
@@ -156,6 +193,7 @@ class Gateway:
         loop_now = asyncio.get_running_loop().time()
         rec = UsageRecord(
             request_id=ctx.request_id, key_name=key.name if key else "", model=model,
+            served_model=outcome.model, upstream_model=outcome.upstream_model,
             surface=ctx.surface, channel=outcome.channel, status=status.name,
             latency_ms=(loop_now - started) * 1000.0, stream=stream,
             ttft_ms=(outcome.first_token_at - started) * 1000.0
@@ -211,7 +249,9 @@ class Gateway:
         async def run(call: _Call) -> pb.CreateChatCompletionResponse:
             assert call.key is not None
             _validate_chat(params)
-            call.ticket = await self.limits.reserve_chat(call.key, params, ctx.request_id)
+            call.ticket = await self.limits.reserve_chat(
+                call.key, params, ctx.request_id, lambda: self.router.served_names(params.model))
+            ctx.response_headers = call.ticket.headers
             resp = await self.router.chat(params, ctx.deadline, call.outcome)
             call.outcome.first_token_at = asyncio.get_running_loop().time()
             call.ticket.observe(resp)
@@ -221,7 +261,7 @@ class Gateway:
 
     @observed_stream("chat")
     async def stream_chat(self, req: pb.StreamChatCompletionRequest,
-                          ctx: CallContext) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+                          ctx: CallContext) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         """Relays the upstream chunks. A chunk carrying finish reasons is held until the
         next one so that, when usage follows it, both go out as one last message."""
         started = asyncio.get_running_loop().time()
@@ -235,7 +275,9 @@ class Gateway:
         try:
             key = await self._admit(ctx, params.model)
             _validate_chat(params)
-            ticket = await self.limits.reserve_chat(key, params, ctx.request_id)
+            ticket = await self.limits.reserve_chat(
+                key, params, ctx.request_id, lambda: self.router.served_names(params.model))
+            ctx.response_headers = ticket.headers
             async for chunk in self.router.stream(params, ctx.deadline, outcome):
                 ticket.observe(chunk)
                 if chunk.HasField("usage"):
@@ -271,13 +313,13 @@ class Gateway:
         key = await self.keys.authenticate(ctx.api_key)
         return pb.ListModelsResponse(models=[
             pb.Model(id=m, created=self.created, owned_by=owner)
-            for m, owner in self.router.model_ids() if key.allows(m)
+            for m, owner in self.router.model_ids() if self._may_use(key, m)
         ])
 
     async def get_model(self, req: pb.GetModelRequest, ctx: CallContext) -> pb.GetModelResponse:
         key = await self.keys.authenticate(ctx.api_key)
         for m, owner in self.router.model_ids():
-            if m == req.model and key.allows(m):
+            if m == req.model and self._may_use(key, m):
                 return pb.GetModelResponse(model=pb.Model(id=m, created=self.created,
                                                           owned_by=owner))
         raise model_not_found(req.model)
@@ -293,7 +335,9 @@ class Gateway:
                 raise invalid(f"n must be between 1 and 10, got {req.n}", "n")
             if req.HasField("response_format") and req.response_format not in ("url", "b64_json"):
                 raise invalid("response_format must be url or b64_json", "response_format")
-            call.ticket = await self.limits.reserve_image(call.key, req, ctx.request_id)
+            call.ticket = await self.limits.reserve_image(
+                call.key, req, ctx.request_id, lambda: self.router.served_names(req.model))
+            ctx.response_headers = call.ticket.headers
             return await self.router.create_image(req, ctx.deadline, call.outcome)
 
         return await self._unary(ctx, req.model, run)

@@ -21,6 +21,10 @@ Nothing accepted is lost:
 Cost: `PriceTable` turns token counts into US dollars from the config's `prices`
 (USD per million tokens; `cached_prompt` for cached prompt tokens; `image` per image);
 the first entry whose model name or glob matches wins; unpriced models cost 0.
+A request is priced by what actually served it, never by the name it asked for (an
+alias or route would otherwise cost nothing): the served public model name (after
+routes) is looked up first, then the channel's upstream name for it (after
+`model_map`), so `prices: {gpt-4o: …}` also prices a `model_map: {fast: gpt-4o}` name.
 """
 
 from __future__ import annotations
@@ -54,8 +58,12 @@ class PriceTable:
         return self._memo[model]
 
     def cost(self, model: str, prompt: int, completion: int, cached: int = 0,
-             images: int = 0) -> float:
+             images: int = 0, *, upstream: str = "") -> float:
+        """USD for `model` (the served public name); an unpriced `model` falls back to
+        the price of its `upstream` name."""
         p = self.price(model)
+        if p is None and upstream:
+            p = self.price(upstream)
         if p is None:
             return 0.0
         cached = min(cached, prompt)

@@ -36,9 +36,21 @@ with UNAVAILABLE (reason `limits_unavailable`) — budgets are money, and an out
 must not turn into unlimited spend; "open" admits it without limits and logs a
 warning at most every 10 s. Redis calls time out after `limits.redis_timeout_s`.
 
-A 429 carries Retry-After and OpenAI's x-ratelimit-limit/remaining/reset-requests and
--tokens headers (gRPC: RESOURCE_EXHAUSTED with RetryInfo and QuotaFailure details and
-the same names as trailing metadata); a budget refusal has code `insufficient_quota`.
+Rate-limit headers, for keys that have the limit (nothing is computed for keys
+without limits): OpenAI's x-ratelimit-limit/remaining/reset-requests (RPM) and
+-tokens (TPM), plus x-ratelimit-limit-concurrency and
+x-ratelimit-remaining-concurrency (max_concurrent; no reset: a slot frees when a
+request in flight ends). They go on every 429 (with Retry-After; gRPC:
+RESOURCE_EXHAUSTED with RetryInfo and QuotaFailure details and the same names as
+trailing metadata) and, as OpenAI does, on every admitted request's response (gRPC:
+initial metadata), counting that request. "reset" is the time until the oldest entry
+leaves the 60 s window. A budget refusal has code `insufficient_quota`.
+
+Pricing for USD budgets (core/ledger.py PriceTable): a request is charged at the
+price of the model that actually served it (after routes and `model_map`), so an
+alias cannot spend for free. The reservation before the call, when the serving model
+is not yet known, is priced at the most expensive model the request could reach; the
+settlement afterwards corrects it to the served model's real cost.
 """
 
 from __future__ import annotations
@@ -50,7 +62,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -179,6 +191,7 @@ class Decision:
     tpm_remaining: int = -1
     rpm_reset_ms: int = 0
     tpm_reset_ms: int = 0
+    conc_remaining: int = -1
 
 
 class Backend(Protocol):
@@ -224,6 +237,8 @@ class MemoryBackend:
         s = self._keys.setdefault(spec.key_id, _KeyState())
         self._expire(s, now)
         d = Decision(OK)
+        if spec.concurrency >= 0:
+            d.conc_remaining = spec.concurrency - len(s.leases)
         if spec.rpm >= 0:
             d.rpm_remaining = spec.rpm - len(s.rpm)
             d.rpm_reset_ms = int(s.rpm[0][0] + WINDOW_MS - now) if s.rpm else 0
@@ -242,7 +257,7 @@ class MemoryBackend:
                 d.status, d.retry_after_ms, d.tpm_reset_ms = TPM, max(wait, 1), max(wait, 1)
                 return d
         if spec.concurrency >= 0 and len(s.leases) >= spec.concurrency:
-            d.status, d.retry_after_ms = CONCURRENCY, 1000
+            d.status, d.retry_after_ms, d.conc_remaining = CONCURRENCY, 1000, 0
             return d
         if spec.budget >= 0:
             spent = s.budgets.get(spec.bucket)
@@ -258,13 +273,16 @@ class MemoryBackend:
         if spec.rpm >= 0:
             s.rpm.append((now, rid))
             d.rpm_remaining -= 1
+            d.rpm_reset_ms = int(s.rpm[0][0] + WINDOW_MS - now)
         if spec.tpm >= 0:
             s.tpm.append((now, rid))
             s.tpm_tokens[rid] = tokens
             s.tpm_sum += tokens
             d.tpm_remaining -= tokens
+            d.tpm_reset_ms = int(s.tpm[0][0] + WINDOW_MS - now)
         if spec.concurrency >= 0:
             s.leases[rid] = now + lease_ms
+            d.conc_remaining -= 1
         return d
 
     async def settle(self, spec: Spec, rid: str, reserved_tokens: int, actual_tokens: int,
@@ -295,8 +313,12 @@ local rpm, tpm, conc = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local tokens, blimit, bamount = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local bttl, lease, seed = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local cutoff = now - window
-local rpm_rem, tpm_rem, rpm_reset, tpm_reset = -1, -1, 0, 0
+local rpm_rem, tpm_rem, rpm_reset, tpm_reset, conc_rem = -1, -1, 0, 0, -1
 local count = 0
+if conc >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+  conc_rem = conc - redis.call('ZCARD', KEYS[4])
+end
 if rpm >= 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
   count = redis.call('ZCARD', KEYS[1])
@@ -306,7 +328,7 @@ if rpm >= 0 then
     rpm_reset = tonumber(oldest[2]) + window - now
   end
   if count >= rpm then
-    return {1, math.max(rpm_reset, 1), rpm_rem, tpm_rem, rpm_reset, tpm_reset}
+    return {1, math.max(rpm_reset, 1), rpm_rem, tpm_rem, rpm_reset, tpm_reset, conc_rem}
   end
 end
 local sum = 0
@@ -329,26 +351,23 @@ if tpm >= 0 then
       if freed >= need then wait = tonumber(all[i + 1]) + window - now; break end
     end
     wait = math.max(wait, 1)
-    return {2, wait, rpm_rem, tpm_rem, rpm_reset, wait}
+    return {2, wait, rpm_rem, tpm_rem, rpm_reset, wait, conc_rem}
   end
 end
-if conc >= 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-  if redis.call('ZCARD', KEYS[4]) >= conc then
-    return {3, 1000, rpm_rem, tpm_rem, rpm_reset, tpm_reset}
-  end
+if conc >= 0 and conc_rem <= 0 then
+  return {3, 1000, rpm_rem, tpm_rem, rpm_reset, tpm_reset, 0}
 end
 if blimit >= 0 then
   local spent = redis.call('GET', KEYS[5])
   if not spent then
-    if seed < 0 then return {5, 0, rpm_rem, tpm_rem, rpm_reset, tpm_reset} end
+    if seed < 0 then return {5, 0, rpm_rem, tpm_rem, rpm_reset, tpm_reset, conc_rem} end
     spent = seed
     redis.call('SET', KEYS[5], seed)
     if bttl > 0 then redis.call('EXPIRE', KEYS[5], bttl) end
   end
   spent = tonumber(spent)
   if spent + bamount > blimit then
-    return {4, math.max(bttl, 0) * 1000, rpm_rem, tpm_rem, rpm_reset, tpm_reset}
+    return {4, math.max(bttl, 0) * 1000, rpm_rem, tpm_rem, rpm_reset, tpm_reset, conc_rem}
   end
   redis.call('INCRBY', KEYS[5], bamount)
 end
@@ -356,9 +375,16 @@ if rpm >= 0 then
   redis.call('ZADD', KEYS[1], now, rid)
   redis.call('PEXPIRE', KEYS[1], window * 2)
   rpm_rem = rpm_rem - 1
+  if count == 0 then rpm_reset = window end
 end
 if tpm >= 0 then
-  if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('SET', KEYS[3], 0) end
+  local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  if #first == 0 then
+    redis.call('SET', KEYS[3], 0)
+    tpm_reset = window
+  else
+    tpm_reset = tonumber(first[2]) + window - now
+  end
   redis.call('ZADD', KEYS[2], now, rid .. ':' .. tokens)
   redis.call('INCRBY', KEYS[3], tokens)
   redis.call('PEXPIRE', KEYS[2], window * 2)
@@ -368,8 +394,9 @@ end
 if conc >= 0 then
   redis.call('ZADD', KEYS[4], now + lease, rid)
   redis.call('PEXPIRE', KEYS[4], lease * 2)
+  conc_rem = conc_rem - 1
 end
-return {0, 0, rpm_rem, tpm_rem, rpm_reset, tpm_reset}
+return {0, 0, rpm_rem, tpm_rem, rpm_reset, tpm_reset, conc_rem}
 """
 
 # KEYS: as above. ARGV: rid, reserved_tokens, actual_tokens, budget_delta
@@ -441,6 +468,8 @@ class Ticket:
     output_chars: int = 0
     started: bool = False  # the upstream sent something (it will bill the prompt)
     settled: bool = False
+    # x-ratelimit-* for the response, when the key has RPM/TPM/concurrency limits.
+    headers: dict[str, str] | None = None
 
     def observe(self, msg: pb.StreamChatCompletionResponse | pb.CreateChatCompletionResponse) -> None:
         """Count generated text, to estimate usage when the upstream reports none."""
@@ -449,6 +478,8 @@ class Ticket:
 
 
 SpentLoader = Callable[[str, float | None, str], Awaitable[float]]
+# The (public, upstream) model names that could serve a request (Router.served_names).
+ServedNames = Callable[[], Iterable[tuple[str, str]]]
 
 
 class Limits:
@@ -467,20 +498,32 @@ class Limits:
 
     # ------------------------------------------------------------ admit ----
 
+    def _reserve_cost(self, key: KeyRecord, model: str, served: ServedNames | None,
+                      prompt: int, completion: int, images: int = 0) -> float:
+        """USD to reserve: the most expensive model the request could be served by
+        (computed only for USD budgets; the settlement prices the one that served)."""
+        if key.budget is None or key.budget_unit != "usd":
+            return 0.0
+        names = list(served()) if served is not None else []
+        if not names:
+            names = [(model, "")]
+        return max(self.prices.cost(public, prompt, completion, images=images, upstream=upstream)
+                   for public, upstream in names)
+
     async def reserve_chat(self, key: KeyRecord, params: pb.ChatCompletionParams,
-                           request_id: str) -> Ticket:
+                           request_id: str, served: ServedNames | None = None) -> Ticket:
         prompt = estimate_prompt_tokens(params)
         completion = completion_reserve(params, self.settings.default_max_tokens)
-        cost = self.prices.cost(params.model, prompt, completion)
+        cost = self._reserve_cost(key, params.model, served, prompt, completion)
         t = Ticket(key=key, model=params.model, rid=request_id, spec=None,
                    prompt_estimate=prompt)
         await self._reserve(t, prompt + completion, _budget_units(key, prompt + completion, cost))
         return t
 
     async def reserve_image(self, key: KeyRecord, req: pb.CreateImageRequest,
-                            request_id: str) -> Ticket:
+                            request_id: str, served: ServedNames | None = None) -> Ticket:
         n = req.n if req.HasField("n") else 1
-        cost = self.prices.cost(req.model, 0, 0, images=n)
+        cost = self._reserve_cost(key, req.model, served, 0, 0, images=n)
         t = Ticket(key=key, model=req.model, rid=request_id, spec=None, images=n)
         await self._reserve(t, 0, _budget_units(key, 0, cost))
         return t
@@ -521,6 +564,7 @@ class Limits:
         if d.status != OK:
             raise self._refusal(t.key, spec, d)
         t.spec, t.rid, t.tokens, t.budget = spec, rid, tokens, budget
+        t.headers = ratelimit_headers(spec, d) or None
 
     async def _seed(self, key: KeyRecord, spec: Spec) -> int:
         if self.spent is None:
@@ -541,15 +585,7 @@ class Limits:
                                code="limits_unavailable", retry_after=1.0) from None
 
     def _refusal(self, key: KeyRecord, spec: Spec, d: Decision) -> GatewayError:
-        headers: dict[str, str] = {}
-        if spec.rpm >= 0:
-            headers["x-ratelimit-limit-requests"] = str(spec.rpm)
-            headers["x-ratelimit-remaining-requests"] = str(max(d.rpm_remaining, 0))
-            headers["x-ratelimit-reset-requests"] = _duration(d.rpm_reset_ms)
-        if spec.tpm >= 0:
-            headers["x-ratelimit-limit-tokens"] = str(spec.tpm)
-            headers["x-ratelimit-remaining-tokens"] = str(max(d.tpm_remaining, 0))
-            headers["x-ratelimit-reset-tokens"] = _duration(d.tpm_reset_ms)
+        headers = ratelimit_headers(spec, d)
         retry = max(d.retry_after_ms, 1) / 1000.0
         if d.status == BUDGET:
             return GatewayError(
@@ -584,8 +620,11 @@ class Limits:
             rec.completion_tokens = math.ceil(t.output_chars / 4)
             rec.estimated = True
         images = t.images if t is not None and rec.status == "OK" else 0
-        rec.cost = self.prices.cost(rec.model, rec.prompt_tokens, rec.completion_tokens,
-                                    rec.cached_tokens, images)
+        # Priced by what served it (an alias costs what its target costs); a request no
+        # upstream answered has no served model and, normally, no tokens either.
+        rec.cost = self.prices.cost(rec.served_model or rec.model, rec.prompt_tokens,
+                                    rec.completion_tokens, rec.cached_tokens, images,
+                                    upstream=rec.upstream_model)
         if t is None or t.settled:
             return
         t.settled = True
@@ -621,6 +660,23 @@ class Limits:
     async def close(self) -> None:
         await self.wait_settled()
         await self.backend.close()
+
+
+def ratelimit_headers(spec: Spec, d: Decision) -> dict[str, str]:
+    """The x-ratelimit-* headers for the limits `spec` has, from a backend decision."""
+    headers: dict[str, str] = {}
+    if spec.rpm >= 0:
+        headers["x-ratelimit-limit-requests"] = str(spec.rpm)
+        headers["x-ratelimit-remaining-requests"] = str(max(d.rpm_remaining, 0))
+        headers["x-ratelimit-reset-requests"] = _duration(d.rpm_reset_ms)
+    if spec.tpm >= 0:
+        headers["x-ratelimit-limit-tokens"] = str(spec.tpm)
+        headers["x-ratelimit-remaining-tokens"] = str(max(d.tpm_remaining, 0))
+        headers["x-ratelimit-reset-tokens"] = _duration(d.tpm_reset_ms)
+    if spec.concurrency >= 0:
+        headers["x-ratelimit-limit-concurrency"] = str(spec.concurrency)
+        headers["x-ratelimit-remaining-concurrency"] = str(max(d.conc_remaining, 0))
+    return headers
 
 
 def _duration(ms: int) -> str:

@@ -15,6 +15,8 @@ maps 1:1 to the HTTP status by core/errors.py).
                                                    (OTel gen_ai.token.type values)
     switchboard_upstream_errors_total{channel,reason}   counter (per failed attempt)
     switchboard_circuit_state{channel}   gauge: 0 closed, 1 half-open, 2 open
+    switchboard_circuit_panic_total{model}   counter: requests sent to open channels
+                                             because every candidate was open
     switchboard_in_flight_requests{surface} / switchboard_in_flight_streams{surface}
     switchboard_limiter_rejections_total{reason}   requests refused by our own limits
     switchboard_config_reloads_total{result}       result = ok | error
@@ -89,6 +91,10 @@ class Metrics:
         self.circuit = Gauge("switchboard_circuit_state",
                              "Circuit breaker state per channel: 0 closed, 1 half-open, 2 open.",
                              ["channel"], registry=r)
+        self.circuit_panic = Counter("switchboard_circuit_panic",
+                                     "Requests routed to open channels because every candidate "
+                                     "of the request was open (panic routing).", ["model"],
+                                     registry=r)
         if process_metrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
@@ -124,6 +130,9 @@ class Metrics:
 
     def upstream_error(self, channel: str, reason: str) -> None:
         self.upstream_errors.labels(channel, reason).inc()
+
+    def circuit_panicked(self, model: str) -> None:
+        self.circuit_panic.labels(self.model_label(model)).inc()
 
     def limiter_rejected(self, reason: str) -> None:
         self.limiter_rejections.labels(reason).inc()

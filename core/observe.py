@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-G = TypeVar("G", bound=Callable[..., AsyncIterator[Any]])
+G = TypeVar("G", bound=Callable[..., AsyncGenerator[Any, None]])
 
 
 @dataclass
@@ -231,7 +231,7 @@ def observed_stream(operation: str) -> Callable[[G], G]:
     """Wraps a streaming Gateway call; the request ends when the stream does."""
     def deco(fn: G) -> G:
         @functools.wraps(fn)
-        async def wrapper(self: Any, req: Any, ctx: CallContext) -> AsyncIterator[Any]:
+        async def wrapper(self: Any, req: Any, ctx: CallContext) -> AsyncGenerator[Any, None]:
             obs: Observer = self.observer
             state = obs.begin(ctx, operation, _model_of(req), True)
             inner = fn(self, req, ctx)
@@ -247,7 +247,7 @@ def observed_stream(operation: str) -> Callable[[G], G]:
                 raise
             finally:
                 # Close the inner generator now (not at GC) so its record is written first.
-                await inner.aclose()  # type: ignore[attr-defined]
+                await inner.aclose()
                 obs.end(state, error)
         return cast(G, wrapper)
     return deco

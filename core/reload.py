@@ -7,10 +7,11 @@ not load or build is rejected (ConfigError, logged, `switchboard_config_reloads_
 {result="error"}`) and the running one keeps serving. Requests in flight finish on the
 router they started with: reload never drops a stream.
 
-What a reload applies: channels, keys, routes, router settings. What it does not:
-listen addresses, store, limits backend, observability settings, body size limit
-(logged as a warning when changed) and the circuit breaker, which is kept — with its
-state and its `router.circuit` settings — so open circuits stay open across a reload.
+What a reload applies: channels, keys, routes, router settings including
+`router.circuit` (the breaker is kept, with its state, and takes the new settings: open
+circuits stay open, and the new thresholds judge from the next request). What it does
+not: listen addresses, store, limits backend, observability settings, body size limit
+(logged as a warning when changed).
 """
 
 from __future__ import annotations

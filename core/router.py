@@ -7,8 +7,14 @@ a tier the order is a weighted random draw without replacement. Each channel map
 public model name to its upstream name.
 
 Attempts walk that list (docs/failure-contract.md is the user-facing statement):
-- A channel whose circuit is open is skipped (core/circuit.py); if every channel is
-  cooling down the request fails at once with UNAVAILABLE.
+- A channel whose circuit is open is skipped (core/circuit.py). When *every* candidate
+  is open the request goes to them anyway, the one whose cool-down ends soonest first
+  ("panic routing": the breaker never makes an outage by itself); it is counted in
+  `switchboard_circuit_panic_total{model}` and logged once per episode.
+- The breaker hears one verdict per request per channel (`_Tally`), however many
+  attempts the request made there: failure for connect errors, 5xx/529, malformed
+  replies and channel timeouts; nothing for 429s, client errors, the caller's deadline
+  and cancellations.
 - Before anything reached the client, a retryable failure (connect error, 429, 5xx/529,
   malformed reply, in-stream error event, first-token timeout, empty stream) moves on to
   the next channel at once. When every candidate was tried and `router.max_attempts`
@@ -23,8 +29,11 @@ Attempts walk that list (docs/failure-contract.md is the user-facing statement):
 Timeouts (per channel, seconds, 0 = off): `connect`; `first_token` (streams: until the
 first chunk); `idle` (streams: between chunks); `total` (one attempt, whole call). The
 caller's deadline (gRPC deadline, REST `X-Switchboard-Timeout`) bounds everything and
-ends in DEADLINE_EXCEEDED. A non-streaming call has no first token before its whole
-answer, so only `connect` and `total` apply to it.
+ends in DEADLINE_EXCEEDED, never blaming the channel. Which limit ran out is decided from
+the limits themselves, not from the clock after the fact (uvloop fires a timer up to a
+millisecond early): a channel limit within `SAME_INSTANT_S` of the caller's deadline is
+the caller's deadline. A non-streaming call has no first token before its whole answer,
+so only `connect` and `total` apply to it.
 
 Hedging (route `hedge_after_ms`, off by default): if the first attempt has no first
 token (non-streaming: no answer) after the delay, the next candidate starts alongside
@@ -45,14 +54,14 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
-from switchboard.core.circuit import REFUSED, Breaker, make_breaker
+from switchboard.core.circuit import PANIC_TICKET, REFUSED, Breaker, make_breaker
 from switchboard.core.config import ChannelConfig, Config
 from switchboard.core.errors import GatewayError, model_not_found
 from switchboard.core.providers import make_client
@@ -63,7 +72,71 @@ T = TypeVar("T")
 log = logging.getLogger("switchboard.router")
 
 Chunk: TypeAlias = pb.StreamChatCompletionResponse
-ChunkIter: TypeAlias = AsyncIterator[Chunk]
+ChunkIter: TypeAlias = AsyncGenerator[Chunk, None]
+
+# A channel limit this close to the caller's deadline is the caller's deadline: the two
+# timers would fire in the same instant, and the caller's is the one that matters.
+SAME_INSTANT_S = 0.005
+
+
+class CallerDeadline(TimeoutError):
+    """The caller's deadline ran out during an attempt (not a channel timeout)."""
+
+
+def _limits(deadline: float | None, channel_at: float | None) -> tuple[float | None, bool]:
+    """(when the attempt must stop, whether that is the caller's deadline)."""
+    if deadline is None:
+        return channel_at, False
+    if channel_at is None or deadline <= channel_at + SAME_INSTANT_S:
+        return deadline, True
+    return channel_at, False
+
+
+@asynccontextmanager
+async def _bounded(deadline: float | None, channel_at: float | None) -> AsyncIterator[None]:
+    """A timeout scope: raises CallerDeadline when it was the caller's deadline that ran
+    out, TimeoutError when it was the channel's limit."""
+    when, callers = _limits(deadline, channel_at)
+    scope = asyncio.timeout_at(when)
+    try:
+        async with scope:
+            yield
+    except TimeoutError:
+        if callers and scope.expired():
+            raise CallerDeadline() from None
+        raise
+
+
+class _Tally:
+    """The breaker tickets one request holds (one per channel) and each channel's verdict,
+    reported once when the request is done with the channel: a request counts once per
+    channel however many attempts it made there. No verdict = released."""
+
+    __slots__ = ("breaker", "tickets", "verdicts")
+
+    def __init__(self, breaker: Breaker) -> None:
+        self.breaker = breaker
+        self.tickets: dict[str, str] = {}
+        self.verdicts: dict[str, bool] = {}
+
+    async def take(self, channel: str) -> str:
+        ticket = self.tickets.get(channel)
+        if ticket is None:
+            ticket = await self.breaker.allow(channel)
+            if ticket != REFUSED:
+                self.tickets[channel] = ticket
+        return ticket
+
+    async def settle(self) -> None:
+        tickets, self.tickets = self.tickets, {}
+        for channel, ticket in tickets.items():
+            verdict = self.verdicts.get(channel)
+            if verdict is True:
+                await self.breaker.record_success(channel, ticket)
+            elif verdict is False:
+                await self.breaker.record_failure(channel, ticket)
+            else:
+                await self.breaker.release(channel, ticket)
 
 
 @dataclass(frozen=True)
@@ -71,6 +144,7 @@ class Candidate:
     channel: ChannelConfig
     client: ProviderClient
     upstream_model: str
+    model: str = ""  # the public model name this candidate serves (after routes)
 
 
 @dataclass
@@ -78,6 +152,10 @@ class Outcome:
     """What happened while serving one request (for usage, logs and tests)."""
 
     channel: str = ""
+    # What served the request: public model name (after routes) and upstream name
+    # (after model_map); pricing and the ledger use them (core/limits.py).
+    model: str = ""
+    upstream_model: str = ""
     attempts: list[tuple[str, str]] = field(default_factory=list)  # (channel, error or "ok")
     first_token_at: float | None = None
     hedged: bool = False
@@ -130,19 +208,24 @@ class Router:
     # Observability hook (core/observe.py): wraps each upstream attempt for spans and
     # upstream-error metrics. None = call directly.
     attempt_hook: Callable[[Candidate, Awaitable[Any]], Awaitable[Any]] | None = None
+    # Metrics hook: called with the model of each request sent by panic routing.
+    panic_hook: Callable[[str], None] | None = None
 
     def __init__(self, config: Config, http: HttpPool, breaker: Breaker | None = None,
-                 drain: Drain | None = None) -> None:
+                 drain: Drain | None = None, panics: set[str] | None = None) -> None:
         self.config = config
         self.settings = config.router
         self.breaker: Breaker = breaker or make_breaker(config.limits, config.router.circuit)
         self.drain = drain or Drain()
+        # Models in a panic-routing episode (logged once per episode); shared across
+        # reloads like the breaker.
+        self.panics: set[str] = panics if panics is not None else set()
         self._clients = {c.name: make_client(c, http) for c in config.channels}
         self._by_model: dict[str, list[Candidate]] = {}
         for c in config.channels:
             for public, upstream in c.models.items():
                 self._by_model.setdefault(public, []).append(
-                    Candidate(c, self._clients[c.name], upstream))
+                    Candidate(c, self._clients[c.name], upstream, public))
         self._routes = {r.model: r for r in config.routes}
 
     async def close(self) -> None:
@@ -179,6 +262,15 @@ class Router:
         if route is None or not route.hedge_after_ms:
             return None
         return route.hedge_after_ms / 1000.0
+
+    def targets(self, model: str) -> list[str]:
+        """The public model names `model` resolves to (routes expanded; itself if none)."""
+        return self._targets(model, set())
+
+    def served_names(self, model: str) -> list[tuple[str, str]]:
+        """(public name, upstream name) of every candidate that could serve `model`."""
+        return [(t, c.upstream_model) for t in self._targets(model, set())
+                for c in self._by_model.get(t, ())]
 
     def _targets(self, model: str, seen: set[str]) -> list[str]:
         route = self._routes.get(model)
@@ -242,6 +334,16 @@ class Router:
             return mine
         return deadline if mine is None else min(deadline, mine)
 
+    @staticmethod
+    def _after(seconds: float) -> float | None:
+        """The loop time `seconds` from now (None: no limit)."""
+        return asyncio.get_running_loop().time() + seconds if seconds else None
+
+    @staticmethod
+    def _caller_out(deadline: float | None) -> bool:
+        """The caller's deadline has passed (or passes in this same instant)."""
+        return deadline is not None and asyncio.get_running_loop().time() >= deadline - SAME_INSTANT_S
+
     async def _backoff(self, round_: int, deadline: float | None) -> None:
         if self.settings.backoff_ms <= 0:
             return
@@ -261,10 +363,6 @@ class Router:
             return GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"Every channel for `{model}` is rate limited upstream.",
                                 code="rate_limit_exceeded", retry_after=retry)
-        if not errors:
-            return GatewayError(grpc.StatusCode.UNAVAILABLE,
-                                f"Every channel for model `{model}` is cooling down after "
-                                "repeated failures; try again shortly.", code="upstream_error")
         tried = "; ".join(f"{ch}: {why}" for ch, why in outcome.attempts) or "no channel available"
         return GatewayError(grpc.StatusCode.UNAVAILABLE,
                             f"All upstream channels failed for model `{model}`: {tried}",
@@ -278,55 +376,84 @@ class Router:
         return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"Upstream rejected the request: "
                             f"{err.message}", param=err.param, code="upstream_bad_request")
 
-    async def _failed(self, cand: Candidate, ticket: str, exc: Exception,
-                      deadline: float | None, outcome: Outcome) -> _Failure:
+    async def _panic(self, model: str, refused: list[Candidate]) -> list[Candidate]:
+        """Every candidate is open: all of them, soonest cool-down end first."""
+        waits = {c.channel.name: await self.breaker.open_for(c.channel.name) for c in refused}
+        order = sorted(refused, key=lambda c: waits[c.channel.name])  # stable: keeps tiers
+        if model not in self.panics:
+            self.panics.add(model)
+            log.warning("every channel for model %s has an open circuit: routing to them anyway "
+                        "(panic routing) until one closes", model)
+        if self.panic_hook is not None:
+            self.panic_hook(model)
+        return order
+
+    def _calm(self, model: str) -> None:
+        """A request for `model` got a channel normally: any panic episode is over."""
+        if model in self.panics:
+            self.panics.discard(model)
+            log.info("panic routing for model %s ended: a circuit closed", model)
+
+    def _failed(self, cand: Candidate, exc: Exception, deadline: float | None,
+                outcome: Outcome, tally: _Tally) -> _Failure:
         """Books a failed attempt; raises when the request must end now."""
         name = cand.channel.name
         loop = asyncio.get_running_loop()
+        if isinstance(exc, CallerDeadline) or (isinstance(exc, TimeoutError)
+                                               and self._caller_out(deadline)):
+            # The caller's deadline, not the channel: no verdict on the channel.
+            outcome.attempts.append((name, "deadline passed"))
+            raise self._deadline_error("before the upstream answered") from None
         if not isinstance(exc, (UpstreamError, TimeoutError)):
             # Providers turn anything wrong with an upstream reply into UpstreamError
             # (malformed included); anything else is our bug and becomes INTERNAL.
-            await self.breaker.release(name, ticket)
             raise exc
         if isinstance(exc, TimeoutError):
-            if deadline is not None and loop.time() >= deadline:
-                await self.breaker.release(name, ticket)
-                outcome.attempts.append((name, "deadline passed"))
-                raise self._deadline_error("before the upstream answered") from None
             err = UpstreamError("timeout waiting for the upstream", retryable=True, kind="timeout")
         else:
             err = exc
         log.debug("attempt on channel %s failed: %s", name, err.message)
         outcome.attempts.append((name, err.message))
         if not err.retryable:
-            await self.breaker.release(name, ticket)
-            raise self._client_error(err) from None
-        await self.breaker.record_failure(name, ticket)
+            raise self._client_error(err) from None  # the client's fault, not the channel's
         failure = _Failure(err, again=err.kind != "timeout")
         if err.status == 429:
+            # Rate-limit pushback says the channel is alive: never a health failure.
             failure.again = False
             ra = err.retry_after
             if ra is not None and ra <= self.settings.max_retry_after_s and (
                     deadline is None or loop.time() + ra < deadline):
                 failure.wait_s = ra
+        else:
+            tally.verdicts[name] = False
         return failure
 
-    async def _attempts(self, model: str, deadline: float | None, outcome: Outcome,
+    async def _attempts(self, model: str, deadline: float | None, outcome: Outcome, tally: _Tally,
                         call: Callable[[Candidate, float | None], Coroutine[Any, Any, T]],
                         discard: Callable[[T], Awaitable[None]] | None = None) -> T:
-        """Run `call` against candidates until one succeeds (before any output)."""
+        """Run `call` against candidates until one succeeds (before any output). Verdicts
+        go to `tally`; the caller settles it when the request is done."""
         if self.attempt_hook is not None:
             call = _hooked(self.attempt_hook, call)
         cands = self.candidates(model)
         hedge = self.hedge_delay(model)
         if hedge is not None and len(cands) > 1:
-            return await self._hedged(model, cands, hedge, deadline, outcome, call, discard)
+            return await self._hedged(model, cands, hedge, deadline, outcome, tally, call, discard)
         queue: deque[Candidate] = deque(cands)
         later: list[Candidate] = []
+        refused: list[Candidate] = []
         errors: list[UpstreamError] = []
         attempts = rounds = 0
+        admitted = False
         while attempts < self.settings.max_attempts:
             if not queue:
+                if refused and not admitted:
+                    queue.extend(await self._panic(model, refused))
+                    for c in refused:
+                        tally.tickets.setdefault(c.channel.name, PANIC_TICKET)
+                    refused.clear()
+                    admitted = True
+                    continue
                 if not later:
                     break
                 queue.extend(later)
@@ -335,15 +462,20 @@ class Router:
                 await self._backoff(rounds, deadline)
             cand = queue.popleft()
             name = cand.channel.name
-            ticket = await self.breaker.allow(name)
+            ticket = await tally.take(name)
             if ticket == REFUSED:
                 outcome.attempts.append((name, "circuit open"))
+                refused.append(cand)
                 continue
+            if not admitted:
+                admitted = True
+                if ticket != PANIC_TICKET:
+                    self._calm(model)
             attempts += 1
             try:
                 result = await call(cand, deadline)
             except Exception as exc:
-                failure = await self._failed(cand, ticket, exc, deadline, outcome)
+                failure = self._failed(cand, exc, deadline, outcome, tally)
                 errors.append(failure.error)
                 if failure.wait_s is not None:
                     await asyncio.sleep(failure.wait_s)
@@ -351,37 +483,50 @@ class Router:
                 elif failure.again:
                     later.append(cand)
                 continue
-            except BaseException:
-                await self.breaker.release(name, ticket)
-                raise
-            await self.breaker.record_success(name, ticket)
+            tally.verdicts[name] = True
             outcome.channel = name
+            outcome.model, outcome.upstream_model = cand.model, cand.upstream_model
             outcome.attempts.append((name, "ok"))
             return result
-        if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+        if self._caller_out(deadline):
             raise self._deadline_error("before the upstream answered")
         raise self._give_up(model, outcome, errors)
 
     async def _hedged(self, model: str, cands: list[Candidate], hedge_s: float,
-                      deadline: float | None, outcome: Outcome,
+                      deadline: float | None, outcome: Outcome, tally: _Tally,
                       call: Callable[[Candidate, float | None], Coroutine[Any, Any, T]],
                       discard: Callable[[T], Awaitable[None]] | None) -> T:
         """Like `_attempts`, but a slow first attempt gets a second one racing it."""
         queue: deque[Candidate] = deque(cands)
-        running: dict[asyncio.Task[T], tuple[Candidate, str]] = {}
+        refused: list[Candidate] = []
+        running: dict[asyncio.Task[T], Candidate] = {}
         errors: list[UpstreamError] = []
         attempts = 0
+        admitted = False
 
         async def launch() -> None:
-            nonlocal attempts
-            while queue and attempts < self.settings.max_attempts:
+            nonlocal attempts, admitted
+            while attempts < self.settings.max_attempts:
+                if not queue:
+                    if not refused or admitted:
+                        return
+                    queue.extend(await self._panic(model, refused))
+                    for c in refused:
+                        tally.tickets.setdefault(c.channel.name, PANIC_TICKET)
+                    refused.clear()
+                    admitted = True
                 cand = queue.popleft()
-                ticket = await self.breaker.allow(cand.channel.name)
+                ticket = await tally.take(cand.channel.name)
                 if ticket == REFUSED:
                     outcome.attempts.append((cand.channel.name, "circuit open"))
+                    refused.append(cand)
                     continue
+                if not admitted:
+                    admitted = True
+                    if ticket != PANIC_TICKET:
+                        self._calm(model)
                 attempts += 1
-                running[asyncio.create_task(call(cand, deadline))] = (cand, ticket)
+                running[asyncio.create_task(call(cand, deadline))] = cand
                 return
 
         try:
@@ -395,30 +540,32 @@ class Router:
                     await launch()
                     continue
                 for task in done:
-                    cand, ticket = running.pop(task)
+                    cand = running.pop(task)
                     exc = task.exception()
                     if exc is None:
                         result = task.result()
                         await self._cancel_losers(running, outcome, discard)
-                        await self.breaker.record_success(cand.channel.name, ticket)
+                        tally.verdicts[cand.channel.name] = True
                         outcome.channel = cand.channel.name
+                        outcome.model, outcome.upstream_model = cand.model, cand.upstream_model
                         outcome.attempts.append((cand.channel.name, "ok"))
                         return result
                     if not isinstance(exc, Exception):
                         raise exc
-                    errors.append((await self._failed(cand, ticket, exc, deadline, outcome)).error)
+                    errors.append(self._failed(cand, exc, deadline, outcome, tally).error)
                 if not running:
                     await launch()
-            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+            if self._caller_out(deadline):
                 raise self._deadline_error("before the upstream answered")
             raise self._give_up(model, outcome, errors)
         finally:
             await self._cancel_losers(running, outcome, discard)
 
-    async def _cancel_losers(self, running: dict[asyncio.Task[T], tuple[Candidate, str]],
+    async def _cancel_losers(self, running: dict[asyncio.Task[T], Candidate],
                              outcome: Outcome, discard: Callable[[T], Awaitable[None]] | None) -> None:
         """Cancel the attempts still running (closing their upstream connections) and wait
-        for them; a loser that finished at the same moment has its result discarded."""
+        for them; a loser that finished at the same moment has its result discarded.
+        A cancelled loser gives no verdict on its channel."""
         if not running:
             return
         tasks = list(running.items())
@@ -426,8 +573,7 @@ class Router:
         for task, _ in tasks:
             task.cancel()
         await asyncio.wait([t for t, _ in tasks])
-        for task, (cand, ticket) in tasks:
-            await self.breaker.release(cand.channel.name, ticket)
+        for task, cand in tasks:
             outcome.attempts.append((cand.channel.name, "cancelled: another channel answered first"
                                      if outcome.channel else "cancelled"))
             if not task.cancelled() and task.exception() is None and discard is not None:
@@ -438,20 +584,28 @@ class Router:
     async def chat(self, params: pb.ChatCompletionParams, deadline: float | None,
                    outcome: Outcome) -> pb.CreateChatCompletionResponse:
         async def call(c: Candidate, dl: float | None) -> pb.CreateChatCompletionResponse:
-            async with asyncio.timeout_at(self._deadline(dl, c.channel.timeouts.total)):
+            async with _bounded(dl, self._after(c.channel.timeouts.total)):
                 return await c.client.chat(params, c.upstream_model)
 
-        with self._upstream_wait():
-            return await self._attempts(params.model, deadline, outcome, call)
+        tally = _Tally(self.breaker)
+        try:
+            with self._upstream_wait():
+                return await self._attempts(params.model, deadline, outcome, tally, call)
+        finally:
+            await tally.settle()
 
     async def create_image(self, req: pb.CreateImageRequest, deadline: float | None,
                            outcome: Outcome) -> pb.CreateImageResponse:
         async def call(c: Candidate, dl: float | None) -> pb.CreateImageResponse:
-            async with asyncio.timeout_at(self._deadline(dl, c.channel.timeouts.total)):
+            async with _bounded(dl, self._after(c.channel.timeouts.total)):
                 return await c.client.create_image(req, c.upstream_model)
 
-        with self._upstream_wait():
-            return await self._attempts(req.model, deadline, outcome, call)
+        tally = _Tally(self.breaker)
+        try:
+            with self._upstream_wait():
+                return await self._attempts(req.model, deadline, outcome, tally, call)
+        finally:
+            await tally.settle()
 
     async def stream(self, params: pb.ChatCompletionParams, deadline: float | None,
                      outcome: Outcome) -> ChunkIter:
@@ -459,10 +613,10 @@ class Router:
 
         async def first(c: Candidate, dl: float | None
                         ) -> tuple[Candidate, ChunkIter, Chunk, float | None]:
-            total_at = self._deadline(dl, c.channel.timeouts.total)
+            total_at = self._after(c.channel.timeouts.total)
             it = c.client.stream(params, c.upstream_model)
             try:
-                async with asyncio.timeout_at(self._deadline(total_at, c.channel.timeouts.first_token)):
+                async with _bounded(dl, self._deadline(total_at, c.channel.timeouts.first_token)):
                     chunk = await anext(it)
             except StopAsyncIteration:
                 raise UpstreamError("upstream stream was empty", retryable=True,
@@ -473,50 +627,62 @@ class Router:
             return c, it, chunk, total_at
 
         async def discard(opened: tuple[Candidate, ChunkIter, Chunk, float | None]) -> None:
-            await opened[1].aclose()  # type: ignore[attr-defined]
+            await opened[1].aclose()
 
-        with self._upstream_wait():
-            cand, it, chunk, total_at = await self._attempts(params.model, deadline, outcome,
-                                                             first, discard)
-        outcome.first_token_at = loop.time()
-        d, task = self.drain, asyncio.current_task()
-        assert task is not None
+        # The winner's verdict is given when the stream ends (a mid-stream failure
+        # overrides the first token's success), so the request still counts once.
+        tally = _Tally(self.breaker)
         try:
-            yield chunk
-            while True:
-                # The drain bookkeeping of _upstream_wait, inlined: this runs per chunk.
-                if d.error is not None:
-                    raise d.fresh_error()
-                d.waiting.add(task)
-                try:
-                    chunk_or_end = await self._next_chunk(cand, it, total_at)
-                except asyncio.CancelledError:
-                    d.convert(task)
-                    raise
-                finally:
-                    d.waiting.discard(task)
-                if chunk_or_end is None:
-                    return
-                yield chunk_or_end
+            with self._upstream_wait():
+                cand, it, chunk, total_at = await self._attempts(params.model, deadline, outcome,
+                                                                 tally, first, discard)
+            outcome.first_token_at = loop.time()
+            d, task = self.drain, asyncio.current_task()
+            assert task is not None
+            try:
+                yield chunk
+                while True:
+                    # The drain bookkeeping of _upstream_wait, inlined: this runs per chunk.
+                    if d.error is not None:
+                        raise d.fresh_error()
+                    d.waiting.add(task)
+                    try:
+                        chunk_or_end = await self._next_chunk(cand, it, deadline, total_at, tally)
+                    except asyncio.CancelledError:
+                        d.convert(task)
+                        raise
+                    finally:
+                        d.waiting.discard(task)
+                    if chunk_or_end is None:
+                        return
+                    yield chunk_or_end
+            finally:
+                await it.aclose()
         finally:
-            await it.aclose()  # type: ignore[attr-defined]
+            await tally.settle()
 
-    async def _next_chunk(self, cand: Candidate, it: ChunkIter, total_at: float | None
-                          ) -> Chunk | None:
+    async def _next_chunk(self, cand: Candidate, it: ChunkIter, deadline: float | None,
+                          total_at: float | None, tally: _Tally) -> Chunk | None:
         """The next chunk after the first (None at the end); mid-stream failures become
         the errors the client sees as the stream's last event."""
         name, idle = cand.channel.name, cand.channel.timeouts.idle
+        idle_at = self._after(idle)
+        # The caller's deadline and the attempt's `total` both end the stream as a
+        # deadline (neither says the channel is unhealthy); only `idle` blames it.
+        ends = total_at if deadline is None else deadline if total_at is None else min(deadline, total_at)
+        when, is_deadline = _limits(ends, idle_at)
+        scope = asyncio.timeout_at(when)
         try:
-            async with asyncio.timeout_at(self._deadline(total_at, idle)):
+            async with scope:
                 return await anext(it)
         except StopAsyncIteration:
             return None
         except TimeoutError:
-            if total_at is not None and asyncio.get_running_loop().time() >= total_at:
+            if (is_deadline and scope.expired()) or self._caller_out(ends):
                 raise self._deadline_error("mid-stream") from None
             why = f"stalled mid-stream for more than {idle:g}s"
         except UpstreamError as err:
             why = f"failed mid-stream: {err.message}"
-        await self.breaker.record_failure(name, "")
+        tally.verdicts[name] = False
         raise GatewayError(grpc.StatusCode.UNAVAILABLE, f"Upstream `{name}` {why}",
                            code="upstream_error")

@@ -1,5 +1,7 @@
 """gRPC servicers: thin adapters from grpc.aio calls to the Gateway pipeline. They turn
-metadata and deadlines into a CallContext and GatewayErrors into statuses."""
+metadata and deadlines into a CallContext and GatewayErrors into statuses. An admitted
+request of a key with rate limits gets its x-ratelimit-* values as initial metadata
+(the REST headers' names), before the response."""
 
 from __future__ import annotations
 
@@ -45,9 +47,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         ctx = call_context(context)
         context.set_trailing_metadata((("x-request-id", ctx.request_id),))
         try:
-            return await self.gateway.chat(request, ctx)
+            resp = await self.gateway.chat(request, ctx)
         except GatewayError as err:
             await abort(context, err, ctx.request_id)
+        if ctx.response_headers:
+            await context.send_initial_metadata(tuple(ctx.response_headers.items()))
+        return resp
 
     async def StreamChatCompletion(self, request: pb.StreamChatCompletionRequest,
                                    context: grpc.aio.ServicerContext
@@ -55,7 +60,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         ctx = call_context(context)
         context.set_trailing_metadata((("x-request-id", ctx.request_id),))
         try:
+            first = True
             async for chunk in self.gateway.stream_chat(request, ctx):
+                if first:
+                    first = False
+                    if ctx.response_headers:
+                        await context.send_initial_metadata(tuple(ctx.response_headers.items()))
                 yield chunk
         except GatewayError as err:
             await abort(context, err, ctx.request_id)
@@ -81,6 +91,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         ctx = call_context(context)
         context.set_trailing_metadata((("x-request-id", ctx.request_id),))
         try:
-            return await self.gateway.create_image(request, ctx)
+            resp = await self.gateway.create_image(request, ctx)
         except GatewayError as err:
             await abort(context, err, ctx.request_id)
+        if ctx.response_headers:
+            await context.send_initial_metadata(tuple(ctx.response_headers.items()))
+        return resp

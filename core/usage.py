@@ -14,7 +14,7 @@ from typing import Protocol
 class UsageRecord:
     request_id: str
     key_name: str
-    model: str
+    model: str  # the model the client asked for (an alias, a route or a model name)
     surface: str  # "rest" | "grpc"
     channel: str = ""
     prompt_tokens: int = 0
@@ -29,6 +29,10 @@ class UsageRecord:
     stream: bool = False
     ts: float = field(default_factory=time.time)
     key_id: str = ""  # store key id, or "static:<name>" for config keys
+    # What actually served the request (after routes and model_map): the public model
+    # name and the channel's upstream name for it; "" when no upstream answered.
+    served_model: str = ""
+    upstream_model: str = ""
 
 
 class UsageSink(Protocol):

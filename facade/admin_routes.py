@@ -10,14 +10,16 @@ times RFC 3339). Errors are the same OpenAI-style objects as /v1 (errors_middlew
   GET    /admin/v1/keys/{id}
   PATCH  /admin/v1/keys/{id}            body: ApiKey fields to change (they form the mask)
   POST   /admin/v1/keys/{id}:revoke     (DELETE /admin/v1/keys/{id} does the same)
-  GET    /admin/v1/usage?key_id=&model=&period=day|month|total&start_time=&end_time=&group_by=key,model
+  GET    /admin/v1/usage?key_id=&model=&served_model=&period=day|month|total&start_time=&end_time=
+                                        &group_by=key,model,served_model
+         (`model` is the name requested, `served_model` the one that answered after routes)
   GET    /admin/v1/channels
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import orjson
@@ -31,7 +33,7 @@ from switchboard.v1 import admin_pb2 as apb
 from switchboard.v1 import admin_pb2_grpc as apb_grpc
 
 Caller = Callable[[str, Message, str], Awaitable[Message]]
-ADMIN = web.AppKey("admin_caller", object)
+ADMIN: web.AppKey[Caller] = web.AppKey("admin_caller")
 _MASKABLE = {f.name for f in apb.ApiKey.DESCRIPTOR.fields} - {
     "id", "prefix", "create_time", "update_time", "revoke_time"}
 _CAMEL = {f.json_name: f.name for f in apb.ApiKey.DESCRIPTOR.fields}
@@ -79,7 +81,7 @@ def add_admin_routes(app: web.Application, transport: Any) -> None:
 # ------------------------------------------------------------------ plumbing ----
 
 async def _call(request: web.Request, rpc: str, req: Message, status: int = 200) -> web.Response:
-    caller: Caller = request.app[ADMIN]  # type: ignore[assignment]
+    caller = request.app[ADMIN]
     resp = await caller(rpc, req, bearer_token(request.headers.get("authorization")))
     body = json_format.MessageToDict(resp, preserving_proto_field_name=True,
                                      always_print_fields_with_no_presence=True)
@@ -97,7 +99,10 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def _parse(data: dict[str, Any], msg: Message) -> Message:
+M = TypeVar("M", bound=Message)
+
+
+def _parse(data: dict[str, Any], msg: M) -> M:
     try:
         return json_format.ParseDict(data, msg)
     except json_format.ParseError as exc:
@@ -144,7 +149,8 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 async def query_usage(request: web.Request) -> web.Response:
     q = request.query
-    data: dict[str, Any] = {k: q[k] for k in ("key_id", "model", "start_time", "end_time") if k in q}
+    data: dict[str, Any] = {k: q[k] for k in ("key_id", "model", "served_model", "start_time",
+                                              "end_time") if k in q}
     if "period" in q:
         data["period"] = f"USAGE_PERIOD_{q['period'].upper()}"
     if "group_by" in q:

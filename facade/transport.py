@@ -9,8 +9,8 @@ the same messages and raise the same GatewayErrors:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator
+from typing import Any, Protocol, TypedDict
 
 import grpc
 
@@ -26,7 +26,7 @@ class Transport(Protocol):
                    ctx: CallContext) -> pb.CreateChatCompletionResponse: ...
 
     def stream_chat(self, req: pb.StreamChatCompletionRequest,
-                    ctx: CallContext) -> AsyncIterator[pb.StreamChatCompletionResponse]: ...
+                    ctx: CallContext) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]: ...
 
     async def list_models(self, req: pb.ListModelsRequest,
                           ctx: CallContext) -> pb.ListModelsResponse: ...
@@ -35,6 +35,13 @@ class Transport(Protocol):
 
     async def create_image(self, req: pb.CreateImageRequest,
                            ctx: CallContext) -> pb.CreateImageResponse: ...
+
+
+class _CallArgs(TypedDict):
+    """The keyword arguments every stub call gets (typed so the stub's signature checks them)."""
+
+    metadata: tuple[tuple[str, str], ...]
+    timeout: float | None
 
 
 class GrpcTransport:
@@ -53,7 +60,7 @@ class GrpcTransport:
         await self.channel.close()
 
     @staticmethod
-    def _call_args(ctx: CallContext) -> dict[str, object]:
+    def _call_args(ctx: CallContext) -> _CallArgs:
         md = [("x-request-id", ctx.request_id), ("x-switchboard-surface", ctx.surface)]
         if ctx.traceparent:
             md.append(("traceparent", ctx.traceparent))
@@ -82,11 +89,22 @@ class GrpcTransport:
         # A fresh instance per call: one shared exception would collect every traceback.
         return GatewayError(a.status, a.message, code=a.code)
 
+    @staticmethod
+    async def _limit_headers(call: Any, ctx: CallContext) -> None:
+        """The core's x-ratelimit-* initial metadata, for the REST response headers."""
+        md = await call.initial_metadata()
+        if md:
+            headers = {k: v for k, v in md if k.startswith("x-ratelimit-") and isinstance(v, str)}
+            if headers:
+                ctx.response_headers = headers
+
     async def _unary(self, method: Any, req: Any, ctx: CallContext) -> Any:
         call = method(req, **self._call_args(ctx))
         self._calls.add(call)
         try:
-            return await call
+            resp = await call
+            await self._limit_headers(call, ctx)
+            return resp
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
             err = self._failure(exc)
             if err is None:
@@ -100,11 +118,15 @@ class GrpcTransport:
         return await self._unary(self.stub.CreateChatCompletion, req, ctx)
 
     async def stream_chat(self, req: pb.StreamChatCompletionRequest,
-                          ctx: CallContext) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+                          ctx: CallContext) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         call = self.stub.StreamChatCompletion(req, **self._call_args(ctx))
         self._calls.add(call)
         try:
+            first = True
             async for msg in call:
+                if first:
+                    first = False
+                    await self._limit_headers(call, ctx)
                 yield msg
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
             err = self._failure(exc)

@@ -19,8 +19,9 @@ Allowed, and why:
   database and the system TLS trust store that /etc points into;
 - one program: `uname`, which the stdlib's `platform` module runs for the processor
   name the SDKs put in their User-Agent headers.
-Child processes are checked at start (their program must be in an allowed root); what a
-child reads afterwards is its own business (it is the real CLI, tested for behaviour).
+Child processes are checked at start (their program must be in an allowed root, or be
+`bash`/`sh` running a script of the repository); what a child reads afterwards is its own
+business (it is the real CLI or a repository script, tested for behaviour).
 """
 
 from __future__ import annotations
@@ -73,6 +74,18 @@ def allowed(path: str, *, program: bool = False) -> bool:
     return any(_under(p, r) for r in ROOTS)
 
 
+def _runs_repo_script(program: str, argv: Any) -> bool:
+    """`bash scripts/x.sh`: the shell only interprets a script of the repository (as this
+    Python interprets the tests); what the script runs is its own business, like a child's."""
+    if os.path.basename(program) not in _SHELLS or isinstance(argv, (str, bytes)):
+        return False
+    args = [os.fsdecode(a) for a in argv]
+    return len(args) > 1 and not args[1].startswith("-") and _under(
+        os.path.abspath(args[1]), str(REPO))
+
+
+_SHELLS = ("bash", "sh")
+
 violations: list[str] = []
 
 
@@ -90,6 +103,8 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
             path = shutil.which(path, path=(env or os.environ).get("PATH")) or path
             if os.sep not in path:
                 return  # not found: the start itself fails
+        if _runs_repo_script(path, argv):
+            return
         what = "ran"
     elif event in ("os.posix_spawn", "os.exec"):
         path = args[0]

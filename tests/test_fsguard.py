@@ -60,6 +60,17 @@ def test_running_a_program_outside_trips(own_violations: None) -> None:
         subprocess.run(["true"], check=True)  # found on PATH: still outside
 
 
+def test_a_shell_may_run_a_repository_script_only(own_violations: None) -> None:
+    bash = shutil.which("bash")
+    assert bash is not None
+    script = str(fsguard.REPO / "scripts" / "container_check.sh")
+    fsguard._hook("subprocess.Popen", (None, ["bash", script], None, None))  # allowed: no raise
+    with pytest.raises(fsguard.OutsideRepoError):
+        fsguard._hook("subprocess.Popen", (None, ["bash", "-c", f"cat {script}"], None, None))
+    with pytest.raises(fsguard.OutsideRepoError):
+        fsguard._hook("subprocess.Popen", (bash, ["bash", "/etc/profile"], None, None))
+
+
 def test_allowed_roots() -> None:
     assert fsguard.allowed(str(fsguard.REPO / "README.md"))
     assert fsguard.allowed(os.__file__)  # the stdlib

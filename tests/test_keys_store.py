@@ -40,10 +40,10 @@ def _key(secret: str, **kw: object) -> StoredKey:
 
 
 async def test_migrations_are_versioned_and_idempotent(store: SqlStore) -> None:
-    assert await store.migrate() == 1
-    assert await store.migrate() == 1
-    rows = await store.db.fetch("SELECT version FROM schema_version")
-    assert rows == [(1,)]
+    assert await store.migrate() == 2
+    assert await store.migrate() == 2
+    rows = await store.db.fetch("SELECT version FROM schema_version ORDER BY version")
+    assert rows == [(1,), (2,)]
 
 
 async def test_keys_are_stored_hashed_with_a_prefix(store: SqlStore) -> None:

@@ -83,7 +83,7 @@ async def test_upstream_error_reasons_and_open_circuit() -> None:
     bad = FakeOpenAI()
     bad_url = await bad.start()
     cfg = make_config(
-        "router: {backoff_ms: 0, max_attempts: 1, circuit: {threshold: 2, window_s: 60, cooldown_s: 60}}\n"
+        "router: {backoff_ms: 0, max_attempts: 1, circuit: {min_requests: 2, window_s: 60, cooldown_s: 60}}\n"
         "channels:\n" + channel_yaml("bad", "openai", bad_url, ["gpt-4o"]))
     async with running_stack(cfg) as stack:
         client = openai.AsyncOpenAI(base_url=stack.base_url, api_key=TEST_KEY, max_retries=0)

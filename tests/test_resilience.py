@@ -435,13 +435,13 @@ async def test_two_channels_keep_answering_while_one_is_dead() -> None:
         await ups.add("alive", Fault())
         cfg = faulty_config([("dead", ups.urls["dead"], {}), ("alive", ups.urls["alive"], {})],
                             router="router: {max_attempts: 3, backoff_ms: 5, "
-                                   "circuit: {threshold: 3, window_s: 60, cooldown_s: 600}}")
+                                   "circuit: {min_requests: 3, window_s: 60, cooldown_s: 600}}")
         async with running_stack(cfg) as stack:
             for i in range(24):
                 reply = await ask("rest" if i % 2 else "grpc", stack, bool(i % 3 == 0))
                 assert reply.ok, reply
                 assert reply.text == ups.fakes["alive"].answer()
-            assert len(ups.fakes["dead"].requests) == 3  # the threshold, then never again
+            assert len(ups.fakes["dead"].requests) == 3  # min_requests (all failed), then never again
             assert len(ups.fakes["alive"].requests) == 24
             assert await stack.gateway.router.breaker.state("dead") == "open"
 

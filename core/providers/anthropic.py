@@ -64,7 +64,7 @@ from __future__ import annotations
 import base64
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -79,7 +79,7 @@ THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384,
 MIN_THINKING_BUDGET = 1024
 _JSON_TOOL_INSTRUCTION = f"Give your final answer by calling the `{JSON_TOOL}` tool."
 
-FINISH_FROM_WIRE: dict[str, pb.FinishReason] = {
+FINISH_FROM_WIRE: dict[str, pb.FinishReason.ValueType] = {
     "end_turn": pb.FINISH_REASON_STOP, "stop_sequence": pb.FINISH_REASON_STOP,
     "pause_turn": pb.FINISH_REASON_STOP, "max_tokens": pb.FINISH_REASON_LENGTH,
     "model_context_window_exceeded": pb.FINISH_REASON_LENGTH,
@@ -411,7 +411,7 @@ def usage_from_wire(u: Any, out: pb.Usage) -> None:
         out.completion_tokens_details.reasoning_tokens = 0
 
 
-def _finish(stop_reason: Any, has_tool_calls: bool) -> pb.FinishReason:
+def _finish(stop_reason: Any, has_tool_calls: bool) -> pb.FinishReason.ValueType:
     if stop_reason == "tool_use" and not has_tool_calls:
         return pb.FINISH_REASON_STOP  # only the JSON-mode tool was called
     return FINISH_FROM_WIRE.get(stop_reason or "", pb.FINISH_REASON_STOP)
@@ -668,7 +668,7 @@ class AnthropicClient(ProviderClient):
         return response_from_wire(data, json_mode=uses_json_tool(params))
 
     async def stream(self, params: pb.ChatCompletionParams,
-                     model: str) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+                     model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         body = params_to_wire(params, model, stream=True, options=self.channel.options)
         resp = await self.post(self._url(), body, self._headers())
         translator = StreamTranslator(json_mode=uses_json_tool(params))

@@ -7,7 +7,7 @@ Upstream calls go through aiohttp's client (docs/design.md, "Performance": httpx
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -144,7 +144,9 @@ class ProviderClient:
         raise NotImplementedError
 
     def stream(self, params: pb.ChatCompletionParams,
-               model: str) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+               model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
+        # A generator, not just an iterator: the router aclose()s a stream it abandons
+        # (failover, hedging, a cancelled caller), which releases the upstream connection.
         raise NotImplementedError
 
     async def create_image(self, req: pb.CreateImageRequest, model: str) -> pb.CreateImageResponse:

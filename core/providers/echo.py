@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from switchboard.core.providers.base import ProviderClient, message_text
 from switchboard.v1 import inference_pb2 as pb
@@ -55,7 +55,7 @@ class EchoClient(ProviderClient):
         return r
 
     async def stream(self, params: pb.ChatCompletionParams,
-                     model: str) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+                     model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         text = reply_text(params)
         delay = float(self.channel.options.get("delay_ms", 0)) / 1000.0
         cid, created = f"chatcmpl-echo-{time.monotonic_ns()}", int(time.time())

@@ -74,7 +74,7 @@ import mimetypes
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
@@ -464,7 +464,7 @@ def usage_from_wire(u: Any, out: pb.Usage) -> None:
     out.completion_tokens_details.reasoning_tokens = thoughts
 
 
-def _finish(reason: str | None, called: bool) -> int:
+def _finish(reason: str | None, called: bool) -> pb.FinishReason.ValueType:
     if not reason:
         return pb.FINISH_REASON_UNSPECIFIED
     if called and reason == "STOP":
@@ -689,7 +689,7 @@ class GeminiClient(ProviderClient):
         return response_from_wire(data, model)
 
     async def stream(self, params: pb.ChatCompletionParams,
-                     model: str) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+                     model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         body = params_to_wire(params, model, self.channel.options)
         resp = await self.post(self._url(model, "streamGenerateContent") + "?alt=sse", body,
                                self._headers())

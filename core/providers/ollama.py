@@ -61,9 +61,9 @@ import base64
 import secrets
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -191,11 +191,12 @@ def tools_to_wire(p: pb.ChatCompletionParams) -> list[dict[str, Any]]:
 
 def options_to_wire(p: pb.ChatCompletionParams) -> dict[str, Any]:
     o: dict[str, Any] = {}
-    for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("seed", "seed"),
-                         ("presence_penalty", "presence_penalty"),
-                         ("frequency_penalty", "frequency_penalty")):
-        if p.HasField(ours):
-            o[theirs] = getattr(p, ours)
+    # Optional fields Ollama takes under the same option name (typed: HasField checks them).
+    same: tuple[Literal["temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"], ...] = (
+        "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
+    for name in same:
+        if p.HasField(name):
+            o[name] = getattr(p, name)
     if p.HasField("max_completion_tokens"):
         o["num_predict"] = p.max_completion_tokens
     elif p.HasField("max_tokens"):
@@ -422,7 +423,7 @@ class OllamaClient(ProviderClient):
         return response_from_wire(await self.post_json(self._url(), body, self._headers()))
 
     async def stream(self, params: pb.ChatCompletionParams,
-                     model: str) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+                     model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         body = params_to_wire(params, model, stream=True, channel_options=self.channel.options)
         resp = await self.post(self._url(), body, self._headers())
         tr = StreamTranslator(model)

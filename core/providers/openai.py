@@ -13,7 +13,7 @@ Decisions:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -223,7 +223,7 @@ def chunk_from_wire(d: Any) -> pb.StreamChatCompletionResponse:
             if v := c.get("index"):
                 ch.index = int(v)
             if v := c.get("finish_reason"):
-                ch.finish_reason = FINISH_FROM_WIRE.get(v, 0)
+                ch.finish_reason = FINISH_FROM_WIRE.get(v, pb.FINISH_REASON_UNSPECIFIED)
             delta = c.get("delta") or {}
             out = ch.delta
             if delta.get("role") == "assistant":
@@ -314,7 +314,7 @@ class OpenAIClient(ProviderClient):
         return response_from_wire(data)
 
     async def stream(self, params: pb.ChatCompletionParams,
-                     model: str) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+                     model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         body = params_to_wire(params, model, stream=True,
                               stream_usage=self.channel.options.get("stream_usage", True))
         resp = await self.post(self._chat_url, body, self._headers())

@@ -78,7 +78,8 @@ _KEY_COLUMNS = ("id", "name", "key_hash", "prefix", "owner", "models", "rpm", "t
 
 _USAGE_COLUMNS = ("row_id", "request_id", "key_id", "key_name", "model", "channel", "surface",
                   "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
-                  "cost", "latency_ms", "ttft_ms", "status", "estimated", "stream", "ts")
+                  "cost", "latency_ms", "ttft_ms", "status", "estimated", "stream", "ts",
+                  "served_model", "upstream_model")
 
 # (version, statements); `{serial}` is the dialect's auto-increment primary key.
 MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
@@ -105,6 +106,12 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
         "CREATE INDEX usage_ledger_key_ts ON usage_ledger (key_id, ts)",
         "CREATE INDEX usage_ledger_ts ON usage_ledger (ts)",
     )),
+    # The model that actually served each request (after routes and model_map), next to
+    # the one requested (`model`): an alias is billed and audited by what it reached.
+    (2, (
+        "ALTER TABLE usage_ledger ADD COLUMN served_model TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE usage_ledger ADD COLUMN upstream_model TEXT NOT NULL DEFAULT ''",
+    )),
 ]
 
 
@@ -128,6 +135,7 @@ class UsageTotals:
     key_id: str = ""
     key_name: str = ""
     model: str = ""
+    served_model: str = ""
     requests: int = 0
     errors: int = 0
     prompt_tokens: int = 0
@@ -161,7 +169,8 @@ def _key_values(k: StoredKey) -> list[Any]:
 def usage_values(row_id: str, r: UsageRecord) -> tuple[Any, ...]:
     return (row_id, r.request_id, r.key_id, r.key_name, r.model, r.channel, r.surface, r.prompt_tokens,
             r.completion_tokens, r.cached_tokens, r.reasoning_tokens, float(r.cost),
-            float(r.latency_ms), r.ttft_ms, r.status, int(r.estimated), int(r.stream), float(r.ts))
+            float(r.latency_ms), r.ttft_ms, r.status, int(r.estimated), int(r.stream), float(r.ts),
+            r.served_model, r.upstream_model)
 
 
 class SqlStore:
@@ -278,11 +287,13 @@ class SqlStore:
                 [v for row in chunk for v in row])
 
     async def usage(self, *, key_id: str = "", model: str = "", since: float | None = None,
-                    until: float | None = None, group_by: Sequence[str] = ()) -> list[UsageTotals]:
-        """Aggregates over the ledger; group_by ⊆ {"key", "model"}."""
+                    until: float | None = None, group_by: Sequence[str] = (),
+                    served_model: str = "") -> list[UsageTotals]:
+        """Aggregates over the ledger; group_by ⊆ {"key", "model", "served_model"}
+        (`model` is the name requested, `served_model` the one that answered)."""
         where: list[str] = []
         args: list[Any] = []
-        for col, value in (("key_id", key_id), ("model", model)):
+        for col, value in (("key_id", key_id), ("model", model), ("served_model", served_model)):
             if value:
                 where.append(f"{col} = ?")
                 args.append(value)
@@ -297,6 +308,8 @@ class SqlStore:
             groups += ["key_id", "key_name"]
         if "model" in group_by:
             groups.append("model")
+        if "served_model" in group_by:
+            groups.append("served_model")
         select = [*groups, "COUNT(*)", "SUM(CASE WHEN status <> 'OK' THEN 1 ELSE 0 END)",
                   "SUM(prompt_tokens)", "SUM(completion_tokens)", "SUM(cached_tokens)",
                   "SUM(reasoning_tokens)", "SUM(cost)", "SUM(estimated)"]

@@ -1,0 +1,1 @@
+../../core/_gen/switchboard/__init__.py

@@ -1,0 +1,1 @@
+../../core/_gen/switchboard/client.py
