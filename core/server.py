@@ -1,5 +1,6 @@
-"""Builds the grpc.aio server: the inference servicer, grpc.health.v1 and server
-reflection (so `grpcurl list` works).
+"""Builds the grpc.aio server: the inference and admin servicers, grpc.health.v1 (the
+whole server and each of our services) and server reflection, v1 and v1alpha (so
+`grpcurl list` and `buf curl` work).
 
 Our services are registered through `_RequestGuard`: a request whose bytes are not a
 valid message, or whose JSON text fields (`extra`, `*_json`) are not JSON within the
@@ -16,16 +17,19 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from switchboard.core.admin import AdminAPI, AdminServicer
 from switchboard.core.bounds import check_json_fields
 from switchboard.core.errors import GatewayError, invalid
 from switchboard.core.gateway import Gateway, new_request_id
+from switchboard.core.reflection import enable_reflection
 from switchboard.core.service import InferenceServicer, abort
 from switchboard.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Our services: each is known to the health service (and to reflection) by name.
+SERVICES = (inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+            admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name)
 
 
 class ListenError(OSError):
@@ -158,13 +162,7 @@ def build_grpc_server(gateway: Gateway, address: str, *, reuse_port: bool = Fals
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, as_server)
     if len(guard.services) != 3:  # generated code that no longer registers by name
         raise RuntimeError("gRPC services were not registered through the request guard")
-    service_names = (
-        inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
-        admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(service_names, server)
+    enable_reflection((*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     try:
         port = server.add_insecure_port(address)
     except RuntimeError:  # grpc's "Failed to bind to address …"
@@ -177,5 +175,5 @@ def build_grpc_server(gateway: Gateway, address: str, *, reuse_port: bool = Fals
 async def mark_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
     status = (health_pb2.HealthCheckResponse.SERVING if serving
               else health_pb2.HealthCheckResponse.NOT_SERVING)
-    for name in ("", inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name):
+    for name in ("", *SERVICES):
         await health_servicer.set(name, status)

@@ -1,7 +1,7 @@
 """The OpenAI REST surface end to end: the official `openai` SDK (async and sync) against
 the real façade and core, an OpenAI-wire fake upstream behind them, and every reply
-checked against OpenAI's OpenAPI spec. Runs in both deployments (one process; façade
-and core apart over gRPC)."""
+checked against the `openai` SDK's response types, strictly (tests/openapi.py). Runs in
+both deployments (one process; façade and core apart over gRPC)."""
 
 from __future__ import annotations
 

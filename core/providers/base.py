@@ -1,7 +1,7 @@
 """What every provider client shares: the upstream error type, the pooled aiohttp
 session, and readers for SSE and NDJSON bodies. No provider-specific knowledge here.
 
-Upstream calls go through aiohttp's client (DESIGN.md "Performance": httpx costs
+Upstream calls go through aiohttp's client (docs/design.md, "Performance": httpx costs
 10–15× more CPU per request on this path).
 """
 
