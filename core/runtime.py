@@ -26,6 +26,7 @@ from switchboard.core.reload import reload_from_file
 from switchboard.core.server import build_grpc_server, mark_serving
 from switchboard.core.state import open_gateway
 from switchboard.facade.app import create_app, create_ops_app
+from switchboard.facade.guard import GuardedRunner
 from switchboard.facade.transport import GrpcTransport, Transport
 
 log = logging.getLogger("switchboard")
@@ -75,7 +76,8 @@ class Runtime:
                 # Store, usage ledger and limiter from the config (core/state.py).
                 self.gateway = await open_gateway(self.config)
             self.grpc_server, port, self.health = build_grpc_server(
-                self.gateway, self.grpc_addr, reuse_port=self.reuse_port)
+                self.gateway, self.grpc_addr, reuse_port=self.reuse_port,
+                limits=self.config.server)
             await self.grpc_server.start()
             await mark_serving(self.health, True)
             self.grpc_target = f"{split_address(self.grpc_addr)[0]}:{port}"
@@ -87,7 +89,10 @@ class Runtime:
                                   else GrpcTransport(self.core_target or ""))
                 app = create_app(self.transport, max_body_bytes=self.config.max_body_bytes,
                                  ops=self)
-            self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+            # Request deadlines, a connection cap and a small write buffer per
+            # connection: what a slow client may cost (facade/guard.py).
+            self.runner = GuardedRunner(app, settings=self.config.server,
+                                        handler_cancellation=True, access_log=None,
                                         shutdown_timeout=self.config.shutdown_grace_s
                                         + _DRAIN_MARGIN_S)
             await self.runner.setup()
