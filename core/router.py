@@ -135,7 +135,8 @@ class Router:
                  drain: Drain | None = None) -> None:
         self.config = config
         self.settings = config.router
-        self.breaker: Breaker = breaker or make_breaker(config.limits, config.router.circuit)
+        self.breaker: Breaker = breaker or make_breaker(config.limits, config.router.circuit,
+                                                               config.limit_settings)
         self.drain = drain or Drain()
         self._clients = {c.name: make_client(c, http) for c in config.channels}
         self._by_model: dict[str, list[Candidate]] = {}
