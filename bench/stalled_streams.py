@@ -40,6 +40,8 @@ class EndlessUpstream:
 
     url: str = ""
     sent: dict[int, int] = field(default_factory=dict)  # stream number -> bytes written
+    # Send one chunk and then nothing: what an open stream costs when nothing is buffered.
+    idle: bool = False
     _runner: web.AppRunner | None = None
 
     async def start(self) -> str:
@@ -72,6 +74,8 @@ class EndlessUpstream:
             while True:  # write() waits for the gateway to drain: backpressure, end to end
                 await resp.write(chunk)
                 self.sent[n] += len(chunk)
+                if self.idle:
+                    await asyncio.Event().wait()
         except (ConnectionError, asyncio.CancelledError):
             pass
         return resp
@@ -166,8 +170,8 @@ class Figures:
         return (self.rss_stalled_kib - self.rss_before_kib) / self.streams
 
 
-async def measure(streams: int, *, warmup: int = 20) -> Figures:
-    upstream = EndlessUpstream()
+async def measure(streams: int, *, warmup: int = 20, idle: bool = False) -> Figures:
+    upstream = EndlessUpstream(idle=idle)
     await upstream.start()
     try:
         async with gateway_process(config_for(upstream.url)) as (proc, http):
@@ -198,9 +202,12 @@ async def measure(streams: int, *, warmup: int = 20) -> Figures:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--streams", type=int, default=200)
+    parser.add_argument("--idle", action="store_true",
+                        help="the upstream sends one chunk and then nothing: the cost of an "
+                             "open stream with nothing to buffer, for comparison")
     args = parser.parse_args()
-    f = asyncio.run(measure(args.streams))
-    print(f"stalled streams: {f.streams}")
+    f = asyncio.run(measure(args.streams, idle=args.idle))
+    print(f"{'idle' if args.idle else 'stalled'} streams: {f.streams}")
     print(f"gateway RSS before:        {f.rss_before_kib / 1024:8.1f} MiB")
     print(f"gateway RSS while stalled: {f.rss_stalled_kib / 1024:8.1f} MiB "
           f"(+{f.per_stream_kib:.0f} KiB per stream)")

@@ -15,8 +15,9 @@ import time
 import orjson
 
 from bench.stalled_streams import measure
+from switchboard.v1 import inference_pb2 as pb
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.harness import TEST_KEY, channel_yaml, make_config, running_stack
+from tests.harness import AUTH, TEST_KEY, channel_yaml, make_config, running_stack
 
 
 async def _connect(addr: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -206,3 +207,34 @@ async def test_stalled_streams_cost_bounded_memory_in_a_real_process() -> None:
     figures = await measure(50)
     assert figures.per_stream_kib < 512, figures
     assert figures.rss_after_kib <= figures.rss_stalled_kib + 8 * 1024, figures
+
+
+async def test_grpc_listener_refuses_connections_over_the_cap() -> None:
+    up = FakeOpenAI()
+    url = await up.start()
+    config = make_config(_config(url, "{max_connections: 3, header_timeout_s: 30}"))
+    async with running_stack(config) as stack:
+        host, port = stack.grpc_target.rsplit(":", 1)
+        loop = asyncio.get_running_loop()
+        socks = []
+        for _ in range(5):
+            s = socket.socket()
+            s.setblocking(False)
+            await loop.sock_connect(s, (host, int(port)))
+            # HTTP/2 client preface and an empty SETTINGS frame
+            await loop.sock_sendall(s, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"))
+            socks.append(s)
+        replies = []
+        for s in socks:
+            try:
+                async with asyncio.timeout(5):
+                    replies.append(await loop.sock_recv(s, 4096))
+            except ConnectionResetError:
+                replies.append(b"")
+        assert [bool(r) for r in replies] == [True, True, True, False, False]  # SETTINGS, or closed
+        for s in socks:
+            s.close()
+        await asyncio.sleep(0.5)
+        resp = await stack.stub.ListModels(pb.ListModelsRequest(), metadata=AUTH, timeout=10)
+        assert resp.models
+    await up.close()
