@@ -3,8 +3,7 @@ request message, calls the core through a Transport with the caller's credential
 and writes the reply or the mapped error. No routing, auth or provider logic here.
 
 Headers: `Authorization: Bearer <key>`; `X-Request-Id` (echoed, or generated; on
-every response); `x-ratelimit-*` on admitted responses of keys with limits
-(core/limits.py); `X-Switchboard-Timeout: <seconds>` sets a deadline for the request,
+every response); `X-Switchboard-Timeout: <seconds>` sets a deadline for the request,
 like a gRPC deadline (the shorter of it and the channel's timeouts wins); a W3C
 `traceparent` header becomes the parent of the request's trace span.
 
@@ -16,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import grpc
@@ -76,13 +75,9 @@ def _context(request: web.Request, rid: str) -> CallContext:
                        peer=request.remote or "", traceparent=request.headers.get("traceparent", ""))
 
 
-def _json(data: object, rid: str, status: int = 200,
-          extra: dict[str, str] | None = None) -> web.Response:
-    headers = {"x-request-id": rid}
-    if extra:  # x-ratelimit-* of an admitted request (CallContext.response_headers)
-        headers.update(extra)
+def _json(data: object, rid: str, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type=_JSON,
-                        headers=headers)
+                        headers={"x-request-id": rid})
 
 
 def error_response(err: GatewayError, rid: str) -> web.Response:
@@ -146,24 +141,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     transport = request.app[TRANSPORT]
     if not stream:
         resp = await transport.chat(pb.CreateChatCompletionRequest(params=params), ctx)
-        return _json(oj.chat_response_json(resp), rid, extra=ctx.response_headers)
+        return _json(oj.chat_response_json(resp), rid)
     return await _relay_stream(request, transport.stream_chat(
         pb.StreamChatCompletionRequest(params=params), ctx), rid,
-        params.stream_options.include_usage, ctx)
+        params.stream_options.include_usage)
 
 
-async def _relay_stream(request: web.Request,
-                        chunks: AsyncGenerator[pb.StreamChatCompletionResponse, None], rid: str,
-                        include_usage: bool, ctx: CallContext) -> web.StreamResponse:
+async def _relay_stream(request: web.Request, chunks: object, rid: str,
+                        include_usage: bool) -> web.StreamResponse:
     """SSE relay: headers go out only with the first chunk, so an error before it still
     gets its proper HTTP status; an error after it becomes a final `error` event."""
-    it = chunks  # an async generator is its own iterator (and can be aclose()d)
+    it = chunks.__aiter__()  # type: ignore[attr-defined]
     try:
         first = await it.__anext__()
     except StopAsyncIteration:
         first = None
-    resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": rid,
-                                       **(ctx.response_headers or {})})
+    resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": rid})
     await resp.prepare(request)
     write, dumps, chunk_json = resp.write, orjson.dumps, oj.chunk_json  # per-chunk loop
     try:
@@ -204,9 +197,8 @@ async def get_model(request: web.Request) -> web.StreamResponse:
 async def images_generations(request: web.Request) -> web.StreamResponse:
     rid = request[RID]
     req = oj.parse_image(await _body(request))
-    ctx = _context(request, rid)
-    resp = await request.app[TRANSPORT].create_image(req, ctx)
-    return _json(oj.image_response_json(resp), rid, extra=ctx.response_headers)
+    resp = await request.app[TRANSPORT].create_image(req, _context(request, rid))
+    return _json(oj.image_response_json(resp), rid)
 
 
 # ---- operations endpoints: the answers come from core/health.py and core/metrics.py ----
