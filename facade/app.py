@@ -159,6 +159,10 @@ async def _relay_stream(request: web.Request, chunks: object, rid: str,
     resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": rid})
     await resp.prepare(request)
     write, dumps, chunk_json = resp.write, orjson.dumps, oj.chunk_json  # per-chunk loop
+    # Backpressure: aiohttp waits for the client only every 64 KiB written; waiting after
+    # each event while the connection's buffer is over its mark (facade/guard.py) stops
+    # the next upstream read sooner (a no-op when the client keeps up).
+    drain = request.writer.drain
     try:
         if first is not None:
             chunk = first
@@ -169,6 +173,7 @@ async def _relay_stream(request: web.Request, chunks: object, rid: str,
                     await write(b"data: " + dumps(chunk_json(chunk, include_usage)) + b"\n\n")
                 if include_usage and has_usage:
                     await write(b"data: " + dumps(oj.usage_chunk_json(chunk)) + b"\n\n")
+                await drain()
                 try:
                     chunk = await it.__anext__()
                 except StopAsyncIteration:

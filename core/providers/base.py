@@ -92,8 +92,8 @@ def error_message(body: bytes, fallback: str) -> tuple[str, str | None]:
 # `_READ_BUFSIZE` is buffered. So a client that stops reading holds its upstream in the
 # kernel's socket buffers, not in this process: a few tens of KiB per stalled stream
 # instead of everything the upstream managed to send.
-_READ_BUFSIZE = 16 * 1024
-_READ_PIECE = 16 * 1024
+_READ_BUFSIZE = 8 * 1024
+_READ_PIECE = 8 * 1024
 
 
 class HttpPool:
