@@ -89,9 +89,10 @@ def error_message(body: bytes, fallback: str) -> tuple[str, str | None]:
 
 # Backpressure (README "Slow clients"): a streamed upstream body is read at most this
 # much at a time, and aiohttp stops reading the upstream socket once twice
-# `_READ_BUFSIZE` is buffered. So a client that stops reading holds its upstream in the
-# kernel's socket buffers, not in this process: a few tens of KiB per stalled stream
-# instead of everything the upstream managed to send.
+# `_READ_BUFSIZE` is buffered (plus the last socket read, at most 256 KiB). So a client
+# that stops reading holds its upstream in the kernel's socket buffers, not in this
+# process (iter_any() used to hand over everything buffered at once: ~1.8 MiB per
+# stalled stream measured, bench/stalled_streams.py).
 _READ_BUFSIZE = 8 * 1024
 _READ_PIECE = 8 * 1024
 
