@@ -6,7 +6,7 @@ a gateway held 154 file descriptors against 26 at start (issue 10). Each client 
 sits on a `TrimmingPool`:
 
 - at most `limits.redis_max_connections` connections; a command that finds them all busy
-  waits for one (up to `max(2 s, 4 × redis_timeout_s)`, then it is a Redis error, which
+  waits for one (up to `max(5 s, 4 × redis_timeout_s)`, then it is a Redis error, which
   the limiter's `on_error` policy answers) instead of opening another;
 - a connection left idle for `limits.redis_idle_s` is closed by a sweeper task (and
   reopened when next needed), so the descriptors a burst opened are given back.
@@ -75,7 +75,7 @@ def redis_client(url: str, *, timeout_s: float, max_connections: int, idle_s: fl
                  ) -> aioredis.Redis:
     """A client owning its own bounded pool (closed with the client)."""
     pool = TrimmingPool.from_url(
-        url, max_connections=max(1, max_connections), timeout=max(2.0, 4 * timeout_s),
+        url, max_connections=max(1, max_connections), timeout=max(5.0, 4 * timeout_s),
         idle_s=idle_s, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
         decode_responses=decode_responses, health_check_interval=health_check_interval)
     return aioredis.Redis.from_pool(pool)

@@ -16,7 +16,7 @@ from bench.stalled_streams import gateway_process, open_fds
 from tests.conftest import REDIS_URL, needs_redis
 
 KEY = "sk-fd-test-0123456789"
-MAX_CONNECTIONS = 8  # per pool: the limiter's and the circuit breaker's
+MAX_CONNECTIONS = 16  # per pool: the limiter's and the circuit breaker's
 
 
 def redis_connections(pid: int, redis_port: int) -> int:
@@ -62,7 +62,8 @@ async def burst(redis_url: str, prefix: str, *, max_connections: int = MAX_CONNE
     config = (f'store: "sqlite://:memory:"\nshutdown_grace_s: 1\n'
               f"observability: {{access_log: false, log_level: warning}}\n"
               f"limits: {{backend: '{redis_url}', key_prefix: {prefix}, "
-              f"redis_max_connections: {max_connections}, redis_idle_s: 1}}\n"
+              f"redis_max_connections: {max_connections}, redis_idle_s: 1, "
+              f"redis_timeout_s: 2}}\n"
               f"keys: [{{name: fd, key: {KEY}, rpm: 1000000, tpm: 100000000, "
               f"max_concurrent: 10000}}]\n"
               f"channels:\n  - {{name: echo, provider: echo, models: [echo], "
