@@ -300,8 +300,9 @@ class ChannelConfig(Section):
     api_key: Str = Field(default="", description="the upstream's key (use `${ENV}`)")
     # public model name -> upstream model name (`models` and `model_map` together)
     models: Annotated[dict[str, str], BeforeValidator(_model_names)] = Field(
-        default_factory=dict, json_schema_extra={"yaml_type": "list of strings"},
-        description="public model names served as-is")
+        default_factory=dict, json_schema_extra={"yaml_type": "list of strings", "yaml_default": "[]"},
+        description="public model names served as-is (a channel serves at least one model, "
+                    "here or in `model_map`)")
     model_map: Annotated[dict[str, str], BeforeValidator(_model_map)] = Field(
         default_factory=dict, description="public name -> a different upstream model name")
     weight: Num = Field(default=1.0, description="weighted choice between channels of one tier")
@@ -583,7 +584,7 @@ class Config(Section):
     # model name or glob -> price; the first matching entry in file order wins.
     price_table: Annotated[dict[str, Price], BeforeValidator(_mapping)] = Field(
         default_factory=dict, alias="prices",
-        json_schema_extra={"yaml_type": "mapping: model name or glob -> price"},
+        json_schema_extra={"yaml_type": "mapping of model name or glob → [price](#prices)"},
         description="prices for usage costs and `usd` budgets; the first matching entry in file "
                     "order wins")
     # Store-backed keys are cached this long: revocation, disabling and edits reach every

@@ -92,8 +92,9 @@ class Options(ProviderOptions):
     """Channel `options` of `provider: ollama`."""
 
     keep_alive: Annotated[str | int | float | None, BeforeValidator(_keep_alive)] = Field(
-        default=None, description="how long Ollama keeps the model loaded (`10m`, seconds, -1: forever), "
-        "unless the request says")
+        default=None, json_schema_extra={"yaml_type": "duration string or seconds"},
+        description="how long Ollama keeps the model loaded (`10m`, seconds, -1: forever), "
+                    "unless the request says")
     options: AnyMap = Field(default_factory=dict, description="Ollama model options (e.g. `num_ctx`) "
                             "under the request's own")
     think_levels: Bool = Field(default=False, description="send reasoning_effort as a level (`low` / "
