@@ -152,6 +152,10 @@ def _str_map(v: Any) -> dict[str, str]:
     return {str(k): str(x) for k, x in _mapping(v).items()}
 
 
+def _str_keys(v: Any) -> dict[str, Any]:
+    return {str(k): x for k, x in _mapping(v).items()}
+
+
 def _str_list(v: Any) -> tuple[str, ...]:
     return tuple(str(x) for x in _list(v))
 
@@ -582,7 +586,7 @@ class Config(Section):
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig,
                                                description="logs, metrics and traces")
     # model name or glob -> price; the first matching entry in file order wins.
-    price_table: Annotated[dict[str, Price], BeforeValidator(_mapping)] = Field(
+    price_table: Annotated[dict[str, Price], BeforeValidator(_str_keys)] = Field(
         default_factory=dict, alias="prices",
         json_schema_extra={"yaml_type": "mapping of model name or glob → [price](#prices)"},
         description="prices for usage costs and `usd` budgets; the first matching entry in file "
