@@ -1,12 +1,13 @@
 """What every provider client shares: the upstream error type, the pooled aiohttp
 session, and readers for SSE and NDJSON bodies. No provider-specific knowledge here.
 
-Upstream calls go through aiohttp's client (DESIGN.md "Performance": httpx costs
+Upstream calls go through aiohttp's client (docs/design.md, "Performance": httpx costs
 10–15× more CPU per request on this path).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -176,7 +177,7 @@ class ProviderClient:
             raise UpstreamError(f"connect timeout after {self.channel.timeouts.connect:g}s",
                                 retryable=True, kind="connect") from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"connect error: {self.redact(str(exc)) or type(exc).__name__}",
+            raise UpstreamError(f"connect error: {self.redact(connect_error_text(exc))}",
                                 retryable=True, kind="connect") from None
         if resp.status < 300:
             return resp
@@ -207,6 +208,20 @@ class ProviderClient:
         except orjson.JSONDecodeError:
             raise UpstreamError("malformed JSON in the upstream reply", retryable=True,
                                 kind="malformed") from None
+
+
+def connect_error_text(exc: aiohttp.ClientError) -> str:
+    """What went wrong reaching the upstream, in our words. aiohttp's own text says
+    `ssl:default` even for http:// URLs (it prints its ssl argument, not the scheme)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        why = (os.strerror(os_error.errno) if isinstance(os_error.errno, int) and os_error.errno > 0
+               else str(os_error) or type(os_error).__name__)
+        if isinstance(exc, (aiohttp.ClientConnectorSSLError,
+                            aiohttp.ClientConnectorCertificateError)):
+            why = f"TLS handshake failed ({why})"
+        return f"cannot connect to {exc.host}:{exc.port}: {why}"
+    return str(exc) or type(exc).__name__
 
 
 def stream_broken(exc: aiohttp.ClientError) -> UpstreamError:
