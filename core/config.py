@@ -428,6 +428,12 @@ class LimitSettings(Section):
         default=900.0, description="how long a concurrency slot outlives a replica that died holding it")
     redis_timeout_s: Annotated[float, BeforeValidator(_number(0.0)), AfterValidator(_or(0.5))] = Field(
         default=0.5, description="per Redis call; 0 means the default")
+    # core/redis_pool.py: a request waits for a free connection rather than opening more;
+    # idle ones are closed, so the descriptors a burst opened are given back.
+    redis_max_connections: AtLeastOne = Field(
+        default=32, description="connections each Redis client (limiter, circuit breaker) keeps at "
+                                "most; a request waits for a free one")
+    redis_idle_s: Num = Field(default=60.0, description="Redis connections idle this long are closed")
 
     @field_validator("key_prefix")
     @classmethod
@@ -505,6 +511,21 @@ class RouterSettings(Section):
                                                     "when it is at most this long")
     circuit: CircuitSettings = Field(default_factory=CircuitSettings,
                                      description="the per-channel circuit breaker")
+
+
+class ServerSettings(Section):
+    """What one client may cost a listener (facade/guard.py, core/server.py). A request's
+    line and headers must arrive within `header_timeout_s` of the connection opening or
+    of its first byte, its body within `body_timeout_s` after that; otherwise the client
+    gets 408 and the connection is closed. A keep-alive connection with no request is
+    closed after `idle_timeout_s`. Beyond `max_connections` open connections a listener
+    answers new ones with 503 and closes them at once. 0 disables a setting."""
+
+    header_timeout_s: Num = Field(default=10.0, description="request line and headers (408 after)")
+    body_timeout_s: Num = Field(default=60.0, description="the body, after the headers (408 after)")
+    idle_timeout_s: Num = Field(default=75.0, description="a keep-alive connection with no request")
+    max_connections: Whole = Field(default=10000, description="open connections per listener "
+                                                              "(503 beyond)")
 
 
 def _endpoint(v: Any) -> str:
@@ -585,6 +606,8 @@ class Config(Section):
                                   description="on SIGTERM, how long in-flight requests may finish")
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig,
                                                description="logs, metrics and traces")
+    server: ServerSettings = Field(default_factory=ServerSettings,
+                                   description="what one client may cost a listener")
     # model name or glob -> price; the first matching entry in file order wins.
     price_table: Annotated[dict[str, Price], BeforeValidator(_str_keys)] = Field(
         default_factory=dict, alias="prices",

@@ -225,7 +225,8 @@ class Router:
                  drain: Drain | None = None, panics: set[str] | None = None) -> None:
         self.config = config
         self.settings = config.router
-        self.breaker: Breaker = breaker or make_breaker(config.limits, config.router.circuit)
+        self.breaker: Breaker = breaker or make_breaker(config.limits, config.router.circuit,
+                                                               config.limit_settings)
         self.drain = drain or Drain()
         # Models in a panic-routing episode (logged once per episode); shared across
         # reloads like the breaker.

@@ -26,7 +26,8 @@ from switchboard.core.metrics import Metrics
 from switchboard.core.reload import reload_from_file
 from switchboard.core.server import ListenError, build_grpc_server, check_bindable, mark_serving
 from switchboard.core.state import open_gateway
-from switchboard.facade.app import JsonErrorRunner, create_app, create_ops_app
+from switchboard.facade.app import create_app, create_ops_app
+from switchboard.facade.guard import GuardedRunner
 from switchboard.facade.transport import GrpcTransport, Transport
 
 log = logging.getLogger("switchboard")
@@ -98,7 +99,8 @@ class Runtime:
             await asyncio.to_thread(check_bindable, "gRPC", self.grpc_addr,
                                     reuse_port=self.reuse_port)
             self.grpc_server, port, self.health = build_grpc_server(
-                self.gateway, self.grpc_addr, reuse_port=self.reuse_port)
+                self.gateway, self.grpc_addr, reuse_port=self.reuse_port,
+                limits=self.config.server)
             await self.grpc_server.start()
             await mark_serving(self.health, True)
             self.grpc_target = f"{split_address(self.grpc_addr)[0]}:{port}"
@@ -110,9 +112,12 @@ class Runtime:
                                   else GrpcTransport(self.core_target or ""))
                 app = create_app(self.transport, max_body_bytes=self.config.max_body_bytes,
                                  ops=self)
-            self.runner = JsonErrorRunner(app, handler_cancellation=True, access_log=None,
-                                          shutdown_timeout=self.config.shutdown_grace_s
-                                          + _DRAIN_MARGIN_S)
+            # Request deadlines, a connection cap and a small write buffer per
+            # connection: what a slow client may cost (facade/guard.py).
+            self.runner = GuardedRunner(app, settings=self.config.server,
+                                        handler_cancellation=True, access_log=None,
+                                        shutdown_timeout=self.config.shutdown_grace_s
+                                        + _DRAIN_MARGIN_S)
             await self.runner.setup()
             host, port = split_address(self.http_addr)
             # A deep accept queue: a burst of connections (1,000 clients opening streams at

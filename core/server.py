@@ -6,6 +6,14 @@ Our services are registered through `_RequestGuard`: a request whose bytes are n
 valid message, or whose JSON text fields (`extra`, `*_json`) are not JSON within the
 depth limit (core/bounds.py), ends with INVALID_ARGUMENT and a plain message. Left to
 grpc.aio, a failing deserializer ends the call UNKNOWN with a Python class name in it.
+
+What a slow or hostile client may cost the gRPC listener comes from the `server:` config
+(README "Slow clients"), as far as grpc core allows: a connection must finish its
+HTTP/2 handshake within `header_timeout_s` (`grpc.server_handshake_timeout_ms`), one
+without calls is sent GOAWAY after `idle_timeout_s` (`grpc.max_connection_idle_ms`),
+and beyond `max_connections` new connections are refused
+(`grpc.max_allowed_incoming_connections`). HTTP/2 flow control already keeps a client
+that stops reading a stream from growing our buffers.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from switchboard.core.admin import AdminAPI, AdminServicer
 from switchboard.core.bounds import check_json_fields
+from switchboard.core.config import ServerSettings
 from switchboard.core.errors import GatewayError, invalid
 from switchboard.core.gateway import Gateway, new_request_id
 from switchboard.core.reflection import enable_reflection
@@ -146,13 +155,27 @@ class _RequestGuard:
         self.services.append(service)
 
 
-def build_grpc_server(gateway: Gateway, address: str, *, reuse_port: bool = False
+def connection_options(limits: ServerSettings) -> list[tuple[str, int]]:
+    """grpc core's per-connection limits for the `server:` settings (0: grpc's default)."""
+    options = []
+    if limits.header_timeout_s > 0:
+        options.append(("grpc.server_handshake_timeout_ms", int(limits.header_timeout_s * 1000)))
+    if limits.idle_timeout_s > 0:
+        options.append(("grpc.max_connection_idle_ms", int(limits.idle_timeout_s * 1000)))
+    if limits.max_connections > 0:
+        options.append(("grpc.max_allowed_incoming_connections", limits.max_connections))
+    return options
+
+
+def build_grpc_server(gateway: Gateway, address: str, *, reuse_port: bool = False,
+                      limits: ServerSettings | None = None,
                       ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A configured, not yet started server and the port it bound."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
+        *connection_options(limits or ServerSettings()),
     ])
     guard = _RequestGuard(server)
     as_server: Any = guard  # stands in for the server: it has the two methods the generated code calls

@@ -174,6 +174,10 @@ async def _relay_stream(request: web.Request,
                                        **(ctx.response_headers or {})})
     await resp.prepare(request)
     write, dumps, chunk_json = resp.write, orjson.dumps, oj.chunk_json  # per-chunk loop
+    # Backpressure: aiohttp waits for the client only every 64 KiB written; waiting after
+    # each event while the connection's buffer is over its mark (facade/guard.py) stops
+    # the next upstream read sooner (a no-op when the client keeps up).
+    drain = request.writer.drain
     try:
         if first is not None:
             chunk = first
@@ -184,6 +188,7 @@ async def _relay_stream(request: web.Request,
                     await write(b"data: " + dumps(chunk_json(chunk, include_usage)) + b"\n\n")
                 if include_usage and has_usage:
                     await write(b"data: " + dumps(oj.usage_chunk_json(chunk)) + b"\n\n")
+                await drain()
                 try:
                     chunk = await it.__anext__()
                 except StopAsyncIteration:
@@ -248,7 +253,7 @@ def create_ops_app(ops: Ops) -> web.Application:
     return app
 
 
-class _JsonErrorProtocol(RequestHandler):
+class JsonErrorProtocol(RequestHandler):
     """aiohttp's per-connection protocol, answering its own errors (bad request line or
     headers, and anything that escapes the app) as an OpenAI error object."""
 
@@ -285,7 +290,7 @@ class _JsonErrorProtocol(RequestHandler):
 
 class _JsonErrorServer(web.Server):
     def __call__(self) -> RequestHandler:
-        return _JsonErrorProtocol(self, loop=self._loop, **self._kwargs)
+        return JsonErrorProtocol(self, loop=self._loop, **self._kwargs)
 
 
 class JsonErrorRunner(web.AppRunner):

@@ -88,6 +88,16 @@ def error_message(body: bytes, fallback: str) -> tuple[str, str | None]:
     return fallback, None
 
 
+# Backpressure (README "Slow clients"): a streamed upstream body is read at most this
+# much at a time, and aiohttp stops reading the upstream socket once twice
+# `_READ_BUFSIZE` is buffered (plus the last socket read, at most 256 KiB). So a client
+# that stops reading holds its upstream in the kernel's socket buffers, not in this
+# process (iter_any() used to hand over everything buffered at once: ~1.8 MiB per
+# stalled stream measured, bench/stalled_streams.py).
+_READ_BUFSIZE = 8 * 1024
+_READ_PIECE = 8 * 1024
+
+
 class HttpPool:
     """One pooled keep-alive aiohttp session per event loop, shared by all channels."""
 
@@ -105,6 +115,7 @@ class HttpPool:
                 json_serialize=lambda o: orjson.dumps(o).decode(),
                 auto_decompress=True,
                 skip_auto_headers=("User-Agent",),
+                read_bufsize=_READ_BUFSIZE,
             )
         return self._session
 
@@ -235,7 +246,7 @@ async def iter_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     """Lines of a streamed body (without the newline), as they arrive."""
     try:
         buf = b""
-        async for data in resp.content.iter_any():
+        async for data in resp.content.iter_chunked(_READ_PIECE):
             buf = buf + data if buf else data
             start = 0
             while True:  # index, not re-slice: a burst of lines stays linear
@@ -261,7 +272,7 @@ async def iter_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, byt
     data: list[bytes] = []
     rest = b""
     try:
-        async for received in resp.content.iter_any():
+        async for received in resp.content.iter_chunked(_READ_PIECE):
             buf = rest + received if rest else received
             start = 0
             while True:
