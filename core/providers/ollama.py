@@ -63,10 +63,12 @@ import time
 import urllib.parse
 from collections.abc import AsyncGenerator, Mapping
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
+from pydantic import BeforeValidator, Field
 
+from switchboard.core.config import AnyMap, Bool, ProviderOptions, ProviderSpec, problem
 from switchboard.core.providers.base import ProviderClient, UpstreamError, iter_lines, loads_event
 from switchboard.v1 import inference_pb2 as pb
 
@@ -78,6 +80,28 @@ FINISH_FROM_WIRE = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LE
 THINK_LEVELS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high"}
 # Top-level Ollama request fields a client may pass through `extra` (see the docstring).
 EXTRA_PASSTHROUGH = ("keep_alive", "think", "format")
+
+
+def _keep_alive(v: object) -> str | int | float:
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise problem(f"expected a duration such as 10m, or seconds (-1: forever), got {v!r}")
+    return v
+
+
+class Options(ProviderOptions):
+    """Channel `options` of `provider: ollama`."""
+
+    keep_alive: Annotated[str | int | float | None, BeforeValidator(_keep_alive)] = Field(
+        default=None, json_schema_extra={"yaml_type": "duration string or seconds"},
+        description="how long Ollama keeps the model loaded (`10m`, seconds, -1: forever), "
+                    "unless the request says")
+    options: AnyMap = Field(default_factory=dict, description="Ollama model options (e.g. `num_ctx`) "
+                            "under the request's own")
+    think_levels: Bool = Field(default=False, description="send reasoning_effort as a level (`low` / "
+                               "`medium` / `high`, gpt-oss style) instead of true")
+
+
+_DEFAULTS = Options()
 
 
 def bad_request(message: str, param: str) -> UpstreamError:
@@ -213,11 +237,11 @@ def think_to_wire(effort: str, levels: bool) -> bool | str:
 
 
 def params_to_wire(p: pb.ChatCompletionParams, model: str, *, stream: bool,
-                   channel_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   channel_options: Options | None = None) -> dict[str, Any]:
     """Our request → an Ollama /api/chat body for `model` (the upstream name)."""
     if p.HasField("n") and p.n > 1:
         raise bad_request("Ollama returns one choice per request; n must be 1", "n")
-    copts = channel_options or {}
+    copts = channel_options or _DEFAULTS
     tool_names = {tc.id: tc.function.name for m in p.messages for tc in m.tool_calls if tc.id}
     d: dict[str, Any] = {
         "model": model,
@@ -234,15 +258,15 @@ def params_to_wire(p: pb.ChatCompletionParams, model: str, *, stream: bool,
         schema = p.response_format.json_schema.schema_json
         d["format"] = orjson.loads(schema) if schema else "json"
     if p.HasField("reasoning_effort"):
-        d["think"] = think_to_wire(p.reasoning_effort, bool(copts.get("think_levels")))
+        d["think"] = think_to_wire(p.reasoning_effort, copts.think_levels)
     extra = {k: orjson.loads(v) for k, v in p.extra.items()}
     for key in EXTRA_PASSTHROUGH:
         if key in extra and key not in d:
             d[key] = extra[key]
-    if "keep_alive" not in d and copts.get("keep_alive") is not None:
-        d["keep_alive"] = copts["keep_alive"]
+    if "keep_alive" not in d and copts.keep_alive is not None:
+        d["keep_alive"] = copts.keep_alive
     options: dict[str, Any] = {}
-    for layer in (copts.get("options"), extra.get("options")):
+    for layer in (copts.options, extra.get("options")):
         if isinstance(layer, dict):
             options.update(layer)
     options.update(options_to_wire(p))
@@ -419,12 +443,12 @@ class OllamaClient(ProviderClient):
 
     async def chat(self, params: pb.ChatCompletionParams,
                    model: str) -> pb.CreateChatCompletionResponse:
-        body = params_to_wire(params, model, stream=False, channel_options=self.channel.options)
+        body = params_to_wire(params, model, stream=False, channel_options=Options.of(self.channel))
         return response_from_wire(await self.post_json(self._url(), body, self._headers()))
 
     async def stream(self, params: pb.ChatCompletionParams,
                      model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
-        body = params_to_wire(params, model, stream=True, channel_options=self.channel.options)
+        body = params_to_wire(params, model, stream=True, channel_options=Options.of(self.channel))
         resp = await self.post(self._url(), body, self._headers())
         tr = StreamTranslator(model)
         try:
@@ -444,3 +468,7 @@ class OllamaClient(ProviderClient):
                                 retryable=True, kind="stream")
         finally:
             resp.close()
+
+
+SPEC = ProviderSpec(name="ollama", default_base_url="http://127.0.0.1:11434", options=Options,
+                    client=OllamaClient)

@@ -17,8 +17,9 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
+from pydantic import Field
 
-from switchboard.core.config import ChannelConfig
+from switchboard.core.config import Bool, ChannelConfig, ProviderOptions, ProviderSpec
 from switchboard.core.providers.base import HttpPool, ProviderClient, UpstreamError, iter_sse, loads_event
 from switchboard.v1 import inference_pb2 as pb
 
@@ -31,6 +32,15 @@ FINISH_FROM_WIRE = {
     "tool_calls": pb.FINISH_REASON_TOOL_CALLS, "content_filter": pb.FINISH_REASON_CONTENT_FILTER,
     "function_call": pb.FINISH_REASON_FUNCTION_CALL,
 }
+
+
+
+class Options(ProviderOptions):
+    """Channel `options` of `provider: openai`."""
+
+    stream_usage: Bool = Field(default=True, description="ask streams for usage (`stream_options."
+                                                 "include_usage`); false for servers that reject it")
+
 
 # ---------------------------------------------------------------- request ----
 
@@ -316,7 +326,7 @@ class OpenAIClient(ProviderClient):
     async def stream(self, params: pb.ChatCompletionParams,
                      model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         body = params_to_wire(params, model, stream=True,
-                              stream_usage=self.channel.options.get("stream_usage", True))
+                              stream_usage=Options.of(self.channel).stream_usage)
         resp = await self.post(self._chat_url, body, self._headers())
         finished = False
         try:
@@ -345,3 +355,7 @@ class OpenAIClient(ProviderClient):
         data = await self.post_json(f"{self.channel.base_url}/images/generations",
                                     image_to_wire(req, model), self._headers())
         return image_from_wire(data)
+
+
+SPEC = ProviderSpec(name="openai", default_base_url="https://api.openai.com/v1", options=Options,
+                    client=OpenAIClient)
