@@ -32,7 +32,6 @@ from switchboard.core.errors import GatewayError, invalid
 from switchboard.core.gateway import Gateway
 from switchboard.core.keys import bearer_token, hash_key
 from switchboard.core.reload import reload_from_file
-from switchboard.core.service import abort, call_context
 from switchboard.core.store import PREFIX_LEN, SqlStore, StoredKey, UsageTotals, new_key_id, new_secret
 from switchboard.v1 import admin_pb2 as apb
 from switchboard.v1 import admin_pb2_grpc as apb_grpc
@@ -334,12 +333,9 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         self.api = api
 
     async def _call(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        ctx = call_context(context)
+        # A GatewayError ends the call at the edge (core/edge.py's interceptor).
         md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        try:
-            return await getattr(self.api, method)(request, bearer_token(md.get("authorization")))
-        except GatewayError as err:
-            await abort(context, err, ctx.request_id)
+        return await getattr(self.api, method)(request, bearer_token(md.get("authorization")))
 
     async def CreateKey(self, request: apb.CreateKeyRequest,
                         context: grpc.aio.ServicerContext) -> apb.CreateKeyResponse:

@@ -41,6 +41,10 @@ _TABLE: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
 
 # OpenAI types that differ from the status default for a given code.
 _TYPE_BY_CODE = {"insufficient_quota": "insufficient_quota"}
+# HTTP statuses that differ from the status default for a given code: refusals the HTTP
+# layer itself has a status for (a gRPC caller gets the row's status, INVALID_ARGUMENT
+# or UNIMPLEMENTED).
+_HTTP_BY_CODE = {"request_too_large": 413, "method_not_allowed": 405}
 
 
 class GatewayError(Exception):
@@ -68,13 +72,18 @@ class GatewayError(Exception):
         http, etype, default_code = _TABLE.get(status, _TABLE[grpc.StatusCode.INTERNAL])
         self.code = code if code is not None else default_code
         self.type = _TYPE_BY_CODE.get(self.code or "", etype)
-        self.http_status = http
+        self.http_status = _HTTP_BY_CODE.get(self.code or "", http)
         self.param = param
         self.retry_after = retry_after
         self.headers = headers or {}
         # (subject, description) of the limit that refused the request: a gRPC
         # google.rpc.QuotaFailure violation, e.g. ("key:team-a", "600 requests per minute").
         self.quota = quota
+
+    def with_message(self, message: str) -> GatewayError:
+        """The same error with another message (e.g. scrubbed of secrets)."""
+        return GatewayError(self.status, message, code=self.code, param=self.param,
+                            retry_after=self.retry_after, headers=self.headers, quota=self.quota)
 
     def __repr__(self) -> str:
         return f"GatewayError({self.status.name}, {self.message!r}, code={self.code!r})"
@@ -166,6 +175,22 @@ def rpc_trailers(err: grpc.RpcError) -> tuple[tuple[str, str | bytes], ...]:
         return tuple(pairs or ())
     except Exception:  # an error raised before the call had trailers
         return ()
+
+
+def for_http_status(http: int, message: str, code: str | None = None) -> GatewayError:
+    """The table's error for a status the HTTP layer decided (no route, wrong method,
+    body too large, unparsable request, handler timeout): the row with that HTTP status,
+    else INVALID_ARGUMENT for a 4xx and INTERNAL for the rest."""
+    for status, (row_http, _type, _code) in _TABLE.items():
+        if row_http == http:
+            return GatewayError(status, message, code=code)
+    for row_code, row_http in _HTTP_BY_CODE.items():
+        if row_http == http:
+            grpc_status = (grpc.StatusCode.UNIMPLEMENTED if row_code == "method_not_allowed"
+                           else grpc.StatusCode.INVALID_ARGUMENT)
+            return GatewayError(grpc_status, message, code=row_code)
+    fallback = grpc.StatusCode.INVALID_ARGUMENT if 400 <= http < 500 else grpc.StatusCode.INTERNAL
+    return GatewayError(fallback, message, code=code)
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> GatewayError:

@@ -9,9 +9,9 @@ line, close the span, and — for a request that never got a record because it f
 before its key was known (401, malformed) — synthesise one for metrics and logs only
 (the ledger bills keys; there is none).
 
-The decorators also scrub every error message leaving the gateway with the redactor
-(core/logs.py): an upstream error body that quotes the upstream key must not reach
-the client.
+Scrubbing secrets out of error messages is not done here: it is a step of each edge
+(core/edge.py `public`, used by the gRPC interceptor and the REST error renderer), so a
+call that skips these decorators cannot skip it. Logs and spans redact on their own.
 
 Per-request state lives in a ContextVar so the router's attempt hook (one call per
 upstream attempt) finds the request span without new parameters. A stream's
@@ -81,15 +81,6 @@ def attempt_reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
     return "error"
-
-
-def scrub(err: GatewayError) -> GatewayError:
-    """Mask secrets in a message about to leave the gateway (in place)."""
-    clean = REDACTOR.redact(err.message)
-    if clean != err.message:
-        err.message = clean
-        err.args = (clean,)
-    return err
 
 
 class Observer:
@@ -215,9 +206,6 @@ def observed(operation: str) -> Callable[[F], F]:
             state = obs.begin(ctx, operation, _model_of(req), False)
             try:
                 result = await fn(self, req, ctx)
-            except GatewayError as err:
-                obs.end(state, scrub(err))
-                raise
             except BaseException as exc:
                 obs.end(state, exc)
                 raise
@@ -239,9 +227,6 @@ def observed_stream(operation: str) -> Callable[[G], G]:
             try:
                 async for item in inner:
                     yield item
-            except GatewayError as err:
-                error = scrub(err)
-                raise
             except BaseException as exc:
                 error = exc
                 raise

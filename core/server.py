@@ -2,10 +2,9 @@
 whole server and each of our services) and server reflection, v1 and v1alpha (so
 `grpcurl list` and `buf curl` work).
 
-Our services are registered through `_RequestGuard`: a request whose bytes are not a
-valid message, or whose JSON text fields (`extra`, `*_json`) are not JSON within the
-depth limit (core/bounds.py), ends with INVALID_ARGUMENT and a plain message. Left to
-grpc.aio, a failing deserializer ends the call UNKNOWN with a Python class name in it.
+Every RPC passes through one interceptor, core/edge.py's `ErrorBoundary`: it refuses
+undecodable requests with INVALID_ARGUMENT, fixes the request id, and turns errors
+into statuses (scrubbed, from the one table). The servicers only raise GatewayError.
 
 What a slow or hostile client may cost the gRPC listener comes from the `server:` config
 (README "Slow clients"), as far as grpc core allows: a connection must finish its
@@ -18,21 +17,17 @@ that stops reading a stream from growing our buffers.
 
 from __future__ import annotations
 
-import inspect
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from switchboard.core.admin import AdminAPI, AdminServicer
-from switchboard.core.bounds import check_json_fields
 from switchboard.core.config import ServerSettings
-from switchboard.core.errors import GatewayError, invalid
-from switchboard.core.gateway import Gateway, new_request_id
+from switchboard.core.edge import ErrorBoundary
+from switchboard.core.gateway import Gateway
 from switchboard.core.reflection import enable_reflection
-from switchboard.core.service import InferenceServicer, abort
+from switchboard.core.service import InferenceServicer
 from switchboard.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -74,87 +69,6 @@ def check_bindable(surface: str, address: str, *, reuse_port: bool = False) -> N
             raise ListenError(surface, address, exc.strerror or str(exc)) from None
 
 
-class _Rejected:
-    """What the guarded deserializer returns for a request it refuses."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: GatewayError) -> None:
-        self.error = error
-
-
-def _safe_deserializer(decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def deserialize(raw: bytes) -> Any:
-        try:
-            msg = decode(raw)
-        except Exception:  # DecodeError, or anything else the bytes provoke
-            return _Rejected(invalid("The request bytes are not a valid protobuf message of "
-                                     "the method's request type.", None, code="invalid_message"))
-        try:
-            check_json_fields(msg)
-        except GatewayError as err:
-            return _Rejected(err)
-        return msg
-    return deserialize
-
-
-def _guarded(handler: Any) -> Any:
-    """The same method, with a deserializer that never raises and a behaviour that ends
-    refused requests with their INVALID_ARGUMENT. Streaming requests are left as they are
-    (none of our services takes one)."""
-    if handler.request_streaming:
-        return handler
-    deserializer = _safe_deserializer(handler.request_deserializer)
-    if handler.response_streaming:
-        stream = handler.unary_stream
-        if inspect.isasyncgenfunction(stream):
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext
-                                   ) -> AsyncIterator[Any]:
-                if isinstance(request, _Rejected):
-                    await abort(context, request.error, new_request_id())
-                async for item in stream(request, context):
-                    yield item
-            behaviour: Any = unary_stream
-        else:  # a coroutine writing with context.write (grpc.health's Watch)
-            async def unary_write(request: Any, context: grpc.aio.ServicerContext) -> None:
-                if isinstance(request, _Rejected):
-                    await abort(context, request.error, new_request_id())
-                await stream(request, context)
-            behaviour = unary_write
-        return grpc.unary_stream_rpc_method_handler(
-            behaviour, request_deserializer=deserializer,
-            response_serializer=handler.response_serializer)
-    unary = handler.unary_unary
-
-    async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, _Rejected):
-            await abort(context, request.error, new_request_id())
-        return await unary(request, context)
-
-    return grpc.unary_unary_rpc_method_handler(
-        unary_unary, request_deserializer=deserializer,
-        response_serializer=handler.response_serializer)
-
-
-class _RequestGuard:
-    """Passed to a generated `add_*Servicer_to_server` in place of the server: it takes
-    the method handlers that function builds and registers guarded copies of them."""
-
-    def __init__(self, server: grpc.aio.Server) -> None:
-        self.server = server
-        self.services: list[str] = []
-
-    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        pass  # the same handlers arrive by name in add_registered_method_handlers
-
-    def add_registered_method_handlers(self, service: str,
-                                       handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        safe = {name: _guarded(h) for name, h in handlers.items()}
-        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, safe),))
-        self.server.add_registered_method_handlers(service, safe)
-        self.services.append(service)
-
-
 def connection_options(limits: ServerSettings) -> list[tuple[str, int]]:
     """grpc core's per-connection limits for the `server:` settings (0: grpc's default)."""
     options = []
@@ -176,15 +90,11 @@ def build_grpc_server(gateway: Gateway, address: str, *, reuse_port: bool = Fals
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         *connection_options(limits or ServerSettings()),
-    ])
-    guard = _RequestGuard(server)
-    as_server: Any = guard  # stands in for the server: it has the two methods the generated code calls
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(gateway), as_server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(AdminAPI(gateway)), as_server)
+    ], interceptors=[ErrorBoundary()])
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(gateway), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(AdminAPI(gateway)), server)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, as_server)
-    if len(guard.services) != 3:  # generated code that no longer registers by name
-        raise RuntimeError("gRPC services were not registered through the request guard")
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection((*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     try:
         port = server.add_insecure_port(address)

@@ -1,17 +1,17 @@
 """gRPC servicers: thin adapters from grpc.aio calls to the Gateway pipeline. They turn
-metadata and deadlines into a CallContext and GatewayErrors into statuses. An admitted
-request of a key with rate limits gets its x-ratelimit-* values as initial metadata
-(the REST headers' names), before the response."""
+metadata and deadlines into a CallContext; GatewayErrors become statuses at the edge
+(core/edge.py's interceptor), not here. An admitted request of a key with rate limits
+gets its x-ratelimit-* values as initial metadata (the REST headers' names), before
+the response."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import NoReturn
 
 import grpc
 
-from switchboard.core.errors import GatewayError
+from switchboard.core.edge import current_request_id
 from switchboard.core.gateway import CallContext, Gateway, new_request_id
 from switchboard.core.keys import bearer_token
 from switchboard.v1 import inference_pb2 as pb
@@ -24,20 +24,24 @@ def call_context(context: grpc.aio.ServicerContext) -> CallContext:
     deadline = None
     if remaining is not None:
         deadline = asyncio.get_running_loop().time() + remaining
-    rid = md.get("x-request-id") or new_request_id()
+    # The id core/edge.py's boundary fixed (and sends as a trailer) for this call.
+    rid = current_request_id.get() or md.get("x-request-id") or new_request_id()
     surface = "rest" if md.get("x-switchboard-surface") == "rest" else "grpc"
     return CallContext(api_key=bearer_token(md.get("authorization")), request_id=rid[:128],
                        surface=surface, deadline=deadline, peer=context.peer() or "",
                        traceparent=md.get("traceparent", ""))
 
 
-async def abort(context: grpc.aio.ServicerContext, err: GatewayError, rid: str) -> NoReturn:
-    await context.abort(err.status, err.message,
-                        trailing_metadata=(*err.grpc_trailers(), ("x-request-id", rid)))
-    raise AssertionError("unreachable")  # context.abort always raises
+async def _limit_headers(context: grpc.aio.ServicerContext, ctx: CallContext) -> None:
+    """An admitted request's x-ratelimit-* values, as initial metadata before the reply."""
+    if ctx.response_headers:
+        await context.send_initial_metadata(tuple(ctx.response_headers.items()))
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    """Errors are not handled here: a GatewayError raised by the pipeline ends the call
+    through core/edge.py's ErrorBoundary, which every RPC passes through."""
+
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
@@ -45,55 +49,32 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                                    context: grpc.aio.ServicerContext
                                    ) -> pb.CreateChatCompletionResponse:
         ctx = call_context(context)
-        context.set_trailing_metadata((("x-request-id", ctx.request_id),))
-        try:
-            resp = await self.gateway.chat(request, ctx)
-        except GatewayError as err:
-            await abort(context, err, ctx.request_id)
-        if ctx.response_headers:
-            await context.send_initial_metadata(tuple(ctx.response_headers.items()))
+        resp = await self.gateway.chat(request, ctx)
+        await _limit_headers(context, ctx)
         return resp
 
     async def StreamChatCompletion(self, request: pb.StreamChatCompletionRequest,
                                    context: grpc.aio.ServicerContext
                                    ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
         ctx = call_context(context)
-        context.set_trailing_metadata((("x-request-id", ctx.request_id),))
-        try:
-            first = True
-            async for chunk in self.gateway.stream_chat(request, ctx):
-                if first:
-                    first = False
-                    if ctx.response_headers:
-                        await context.send_initial_metadata(tuple(ctx.response_headers.items()))
-                yield chunk
-        except GatewayError as err:
-            await abort(context, err, ctx.request_id)
+        first = True
+        async for chunk in self.gateway.stream_chat(request, ctx):
+            if first:
+                first = False
+                await _limit_headers(context, ctx)
+            yield chunk
 
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        ctx = call_context(context)
-        try:
-            return await self.gateway.list_models(request, ctx)
-        except GatewayError as err:
-            await abort(context, err, ctx.request_id)
+        return await self.gateway.list_models(request, call_context(context))
 
     async def GetModel(self, request: pb.GetModelRequest,
                        context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
-        ctx = call_context(context)
-        try:
-            return await self.gateway.get_model(request, ctx)
-        except GatewayError as err:
-            await abort(context, err, ctx.request_id)
+        return await self.gateway.get_model(request, call_context(context))
 
     async def CreateImage(self, request: pb.CreateImageRequest,
                           context: grpc.aio.ServicerContext) -> pb.CreateImageResponse:
         ctx = call_context(context)
-        context.set_trailing_metadata((("x-request-id", ctx.request_id),))
-        try:
-            resp = await self.gateway.create_image(request, ctx)
-        except GatewayError as err:
-            await abort(context, err, ctx.request_id)
-        if ctx.response_headers:
-            await context.send_initial_metadata(tuple(ctx.response_headers.items()))
+        resp = await self.gateway.create_image(request, ctx)
+        await _limit_headers(context, ctx)
         return resp

@@ -10,10 +10,11 @@ like a gRPC deadline (the shorter of it and the channel's timeouts wins); a W3C
 
 Operations endpoints (no auth; docs/operations.md): GET /healthz, /readyz, /metrics.
 
-Every error is an OpenAI error object, including the ones aiohttp's HTTP parser raises
-before a handler runs (URL or header too long, too many headers, bad chunk sizes,
-unknown method): `JsonErrorRunner` serves the app with a protocol whose `handle_error`
-writes JSON instead of aiohttp's plain text.
+Every error is an OpenAI error object rendered by `error_response` (status from the one
+table in core/errors.py, message scrubbed of secrets at this edge), including the ones
+aiohttp's HTTP parser raises before a handler runs (URL or header too long, too many
+headers, bad chunk sizes, unknown method): `JsonErrorRunner` serves the app with a
+protocol whose `handle_error` writes JSON instead of aiohttp's plain text.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-from switchboard.core.errors import GatewayError, invalid
+from switchboard.core.edge import public
+from switchboard.core.errors import GatewayError, for_http_status, invalid
 from switchboard.core.gateway import CallContext, new_request_id
 from switchboard.core.keys import bearer_token
 from switchboard.facade import openai_json as oj
@@ -99,10 +101,19 @@ def _json(data: object, rid: str, status: int = 200,
                         headers=headers)
 
 
-def error_response(err: GatewayError, rid: str) -> web.Response:
+def error_body(err: GatewayError) -> bytes:
+    """The OpenAI error object for `err`, scrubbed of secrets (core/edge.py `public`):
+    the one place the REST surface turns an error into bytes."""
+    return oj.error_json(public(err))
+
+
+def error_response(err: GatewayError, rid: str | None) -> web.Response:
+    """The one REST error renderer: status and headers from the error table
+    (core/errors.py), body from `error_body`."""
     headers = err.http_headers()
-    headers["x-request-id"] = rid
-    return web.Response(body=oj.error_json(err), status=err.http_status,
+    if rid is not None:
+        headers["x-request-id"] = rid
+    return web.Response(body=error_body(err), status=err.http_status,
                         content_type=_JSON, headers=headers)
 
 
@@ -118,20 +129,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except GatewayError as err:
-        resp = error_response(err, rid)
-        if err.code == "request_too_large":
-            resp.set_status(413)
-        return resp
+        return error_response(err, rid)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        status = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}.get(
-            exc.status, grpc.StatusCode.INVALID_ARGUMENT)
-        mapped = GatewayError(status, f"{request.method} {request.path}: {exc.reason}",
-                              code="not_found" if exc.status == 404 else None)
-        resp = error_response(mapped, rid)
-        resp.set_status(exc.status)
-        return resp
+        # aiohttp decided the status (no route, wrong method): its row in the table.
+        return error_response(for_http_status(
+            exc.status, f"{request.method} {request.path}: {exc.reason}",
+            code="not_found" if exc.status == 404 else None), rid)
     except web.RequestPayloadError:
         # Any handler reading the body: its framing is broken (e.g. a bad chunk size).
         resp = error_response(invalid("The request body could not be read: its transfer "
@@ -195,7 +200,7 @@ async def _relay_stream(request: web.Request,
                     break
         await write(_DONE)
     except GatewayError as err:
-        await resp.write(b"data: " + oj.error_json(err) + b"\n\n")
+        await resp.write(b"data: " + error_body(err) + b"\n\n")
     finally:
         await it.aclose()
     return resp
@@ -269,12 +274,12 @@ class JsonErrorProtocol(RequestHandler):
         if request.writer.output_size > 0:  # mid-response: nothing can be sent any more
             raise ConnectionError("response already started; cannot send the error")
         if status >= 500:
-            err = GatewayError(grpc.StatusCode.INTERNAL, "The gateway hit an internal error.")
+            err = for_http_status(status, "The gateway hit an internal error.")
         else:
             reason = (getattr(exc, "message", None) or message or "malformed request").strip()
-            err = invalid(f"The HTTP request could not be parsed: {reason[:200]}", None,
-                          code="bad_http_request")
-        resp = web.Response(body=oj.error_json(err), status=status, content_type=_JSON)
+            err = for_http_status(status, f"The HTTP request could not be parsed: {reason[:200]}",
+                                  code="bad_http_request")
+        resp = error_response(err, None)
         resp.force_close()  # the parser's state is unknown: never reuse this connection
         return resp
 

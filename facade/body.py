@@ -24,6 +24,7 @@ SUPPORTED = ("gzip", "x-gzip", "deflate", "identity")
 
 
 def too_large(limit: int) -> GatewayError:
+    # HTTP 413 through the table's code row (core/errors.py); INVALID_ARGUMENT on gRPC.
     return GatewayError(grpc.StatusCode.INVALID_ARGUMENT,
                         f"Request body exceeds the limit of {limit} bytes.",
                         code="request_too_large")

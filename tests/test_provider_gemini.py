@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import grpc
 import openai
+import orjson
 import pytest
 from google import genai
 from google.genai import errors as genai_errors
@@ -23,10 +24,12 @@ from switchboard.core.providers.base import UpstreamError
 from switchboard.core.providers.gemini import (
     SKIP_SIGNATURE,
     GeminiClient,
+    GoogleError,
     Options,
     StreamTranslator,
     decode_tool_call_id,
     encode_tool_call_id,
+    google_error,
     openapi_schema,
     params_to_wire,
     response_from_wire,
@@ -869,6 +872,49 @@ async def test_rest_bad_api_key_fails_over_to_the_next_channel(stack: tuple[Stac
     assert r.choices[0].message.content == "You said: hi"
     assert [h["x-goog-api-key"] for h in f.headers[-2:]] == ["upstream-secret-invalid",
                                                              "upstream-secret-gem-2"]
+
+
+async def test_rest_gemini_retry_info_becomes_retry_after(stack: tuple[Stack, FakeGemini]) -> None:
+    """Gemini's 429 says when to come back in google.rpc.RetryInfo, not in a header."""
+    s, _ = stack
+    with pytest.raises(openai.RateLimitError) as info:
+        await oai(s).chat.completions.create(model="gemini-3-pro",
+                                             messages=[user("ERROR 429 RESOURCE_EXHAUSTED")])
+    assert info.value.response.headers.get("retry-after") == "7"
+
+
+@pytest.mark.parametrize(("line", "status", "code"), [
+    # the project cannot use the API (region, billing): the channel's fault, retried elsewhere,
+    # so the caller sees the channels fail, not a bad request
+    ("ERROR 400 FAILED_PRECONDITION", 502, "upstream_error"),
+    # a request error whose text mentions an API key is still the request's fault: the
+    # structured reason decides, not the words
+    ("ERROR 400 INVALID_ARGUMENT Invalid JSON payload: unknown name 'API key' at 'config'",
+     400, "upstream_bad_request"),
+])
+async def test_rest_gemini_status_name_decides_whose_fault(
+        stack: tuple[Stack, FakeGemini], line: str, status: int, code: str) -> None:
+    s, _ = stack
+    with pytest.raises(openai.APIStatusError) as info:
+        await oai(s).chat.completions.create(model="gemini-3-pro", messages=[user(line)])
+    assert info.value.status_code == status
+    assert info.value.body["code"] == code  # type: ignore[index]
+
+
+def test_google_error_reads_status_reasons_and_retry_delay() -> None:
+    body = orjson.dumps([{"error": {  # the streaming endpoint wraps its error in a list
+        "code": 400, "message": "API key not valid. Please pass a valid API key.",
+        "status": "INVALID_ARGUMENT", "details": [
+            {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+             "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}},
+            {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US",
+             "message": "API key not valid."},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1.500s"},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "soon"}]}}])
+    got = google_error(body)
+    assert got == GoogleError("INVALID_ARGUMENT", frozenset({"API_KEY_INVALID"}), 1.5)
+    assert google_error(b"<html>Bad Gateway</html>") is None
+    assert google_error(b'{"error": "plain"}') is None
 
 
 async def test_rest_midstream_error_is_an_sse_error_event(stack: tuple[Stack, FakeGemini]) -> None:

@@ -198,11 +198,17 @@ class ProviderClient:
             body_bytes = b""
         finally:
             resp.close()
-        msg, param = error_message(body_bytes, resp.reason or "error")
-        raise UpstreamError(
-            f"HTTP {resp.status}: {self.redact(msg)}", retryable=retryable_status(resp.status),
-            status=resp.status, retry_after=parse_retry_after(resp.headers.get("retry-after")),
-            param=param, kind="http")
+        raise self.http_error(resp.status, resp.reason or "error",
+                              resp.headers.get("retry-after"), body_bytes)
+
+    def http_error(self, status: int, reason: str, retry_after: str | None,
+                   body: bytes) -> UpstreamError:
+        """The UpstreamError for a non-2xx reply. A provider whose error bodies carry
+        structured reasons overrides it to read them (gemini.py) instead of the text."""
+        msg, param = error_message(body, reason)
+        return UpstreamError(
+            f"HTTP {status}: {self.redact(msg)}", retryable=retryable_status(status),
+            status=status, retry_after=parse_retry_after(retry_after), param=param, kind="http")
 
     async def post_json(self, url: str, body: dict[str, Any],
                         headers: dict[str, str]) -> Any:

@@ -3,8 +3,11 @@ messages and the generateContent wire JSON, plus a small client.
 
 Endpoints: `POST {base}/v1beta/models/{model}:generateContent` and
 `…:streamGenerateContent?alt=sse` (SSE, one GenerateContentResponse per `data:` line),
-authenticated with the `x-goog-api-key` header. Errors come as
-`{"error": {"code", "message", "status"}}` and are mapped by the base client.
+authenticated with the `x-goog-api-key` header. Errors come as google.rpc.Status JSON,
+`{"error": {"code", "message", "status", "details"}}`: the client reads the status name
+and the ErrorInfo reasons (not the message text) to tell a channel at fault (bad key,
+billing, region: retryable on another channel) from a bad request, and RetryInfo's
+`retryDelay` as the retry-after of a 429.
 
 Decisions (the README points here):
 - Tool schemas go in `parametersJsonSchema`, which the API reference documents as taking
@@ -79,8 +82,10 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote_to_bytes, urlsplit
 
-import aiohttp
 import orjson
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
 from pydantic import BeforeValidator, Field
 
 from switchboard.core.config import Bool, OptBool, ProviderOptions, ProviderSpec, Str, one_of
@@ -676,6 +681,69 @@ class StreamTranslator:
         return [chunk]
 
 
+# ------------------------------------------------------------------- errors ----
+
+
+# google.rpc status names of an error reply that mean the channel, not the request, is
+# at fault: its key is not accepted, or its project cannot use the API (region, billing).
+_CHANNEL_STATUSES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "FAILED_PRECONDITION"})
+# ErrorInfo reasons (domain googleapis.com) that say the same of a 400 INVALID_ARGUMENT.
+_CHANNEL_REASONS = frozenset({
+    "API_KEY_INVALID", "API_KEY_EXPIRED", "API_KEY_SERVICE_BLOCKED", "API_KEY_IP_ADDRESS_BLOCKED",
+    "API_KEY_HTTP_REFERRER_BLOCKED", "SERVICE_DISABLED", "BILLING_DISABLED", "CONSUMER_INVALID",
+    "CONSUMER_SUSPENDED", "ACCESS_TOKEN_EXPIRED"})
+_DETAILS: dict[str, type[Message]] = {
+    "google.rpc.ErrorInfo": error_details_pb2.ErrorInfo,
+    "google.rpc.RetryInfo": error_details_pb2.RetryInfo,
+}
+
+
+@dataclass(frozen=True)
+class GoogleError:
+    """What a Google error body says beyond its text: the google.rpc status name (e.g.
+    RESOURCE_EXHAUSTED), the ErrorInfo reasons and the RetryInfo delay in seconds."""
+
+    status: str
+    reasons: frozenset[str]
+    retry_delay: float | None
+
+
+def google_error(body: bytes) -> GoogleError | None:
+    """Read `{"error": {"code", "message", "status", "details": [...]}}` (a list of one
+    on the streaming endpoint); None when the body is not that. Details are parsed with
+    protobuf's JSON mapping into the google.rpc messages; kinds we do not use, and
+    malformed ones, are skipped."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(data, list) and data:
+        data = data[0]
+    err = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(err, dict):
+        return None
+    status = err.get("status")
+    reasons: set[str] = set()
+    delay = None
+    for detail in err.get("details") or ():
+        if not isinstance(detail, dict):
+            continue
+        kind = _DETAILS.get(str(detail.get("@type", "")).rpartition("/")[2])
+        if kind is None:
+            continue
+        msg = kind()
+        try:
+            json_format.ParseDict({k: v for k, v in detail.items() if k != "@type"}, msg,
+                                  ignore_unknown_fields=True)
+        except json_format.ParseError:
+            continue
+        if isinstance(msg, error_details_pb2.ErrorInfo) and msg.reason:
+            reasons.add(msg.reason)
+        elif isinstance(msg, error_details_pb2.RetryInfo) and msg.HasField("retry_delay"):
+            delay = msg.retry_delay.ToTimedelta().total_seconds()
+    return GoogleError(status if isinstance(status, str) else "", frozenset(reasons), delay)
+
+
 # ------------------------------------------------------------------- client ----
 
 
@@ -689,16 +757,20 @@ class GeminiClient(ProviderClient):
             h["x-goog-api-key"] = self.channel.api_key
         return h
 
-    async def post(self, url: str, body: dict[str, Any], headers: dict[str, str]
-                   ) -> aiohttp.ClientResponse:
-        try:
-            return await super().post(url, body, headers)
-        except UpstreamError as err:
-            if err.status == 400 and "API key" in err.message:
-                # Gemini answers a bad key with 400 INVALID_ARGUMENT (reason API_KEY_INVALID):
-                # the channel is misconfigured, not the request, so another channel may serve it.
-                err.retryable = True
-            raise
+    def http_error(self, status: int, reason: str, retry_after: str | None,
+                   body: bytes) -> UpstreamError:
+        err = super().http_error(status, reason, retry_after, body)
+        google = google_error(body)
+        if google is None:
+            return err
+        if google.status in _CHANNEL_STATUSES or not _CHANNEL_REASONS.isdisjoint(google.reasons):
+            # The channel's key, project or region is the problem, not the request (e.g.
+            # 400 INVALID_ARGUMENT with reason API_KEY_INVALID, 400 FAILED_PRECONDITION
+            # "enable billing"): another channel may serve it.
+            err.retryable = True
+        if err.retry_after is None and google.retry_delay is not None:
+            err.retry_after = google.retry_delay  # Gemini's 429s say when in RetryInfo
+        return err
 
     def _url(self, model: str, method: str) -> str:
         return f"{self.channel.base_url}/{API_VERSION}/models/{model}:{method}"

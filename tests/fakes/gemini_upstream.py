@@ -5,7 +5,11 @@ GenerateContentResponse (camelCase JSON: candidates[].content.parts, finishReaso
 usageMetadata, modelVersion, responseId); `…:streamGenerateContent?alt=sse` sends one
 GenerateContentResponse per SSE `data:` line (without `alt=sse`, a JSON array, as the
 real endpoint does). Errors use Google's shape `{"error": {"code", "message", "status"}}`;
-429 adds `retry-after: 1`. Replies follow tests/fakes/scenario.py, mapped to Gemini:
+429 adds `retry-after: 1`. `ERROR <code> <STATUS> [message]` sends the google.rpc.Status
+body the real API sends for that status name, with its `details`: RESOURCE_EXHAUSTED
+carries QuotaFailure, Help and RetryInfo (`retryDelay: "7s"`, no Retry-After header),
+FAILED_PRECONDITION says the user location is not supported; any other status name
+carries the given message. Replies follow tests/fakes/scenario.py, mapped to Gemini:
 
 - function calls arrive whole (also when streaming); the first functionCall part of a
   reply carries `thoughtSignature` = base64("sig-<name>") (the field is bytes on the wire,
@@ -159,6 +163,38 @@ def _result_text(response: Any) -> str:
     return json.dumps(response)
 
 
+def _google_error(code: int, text: str) -> web.Response | None:
+    """`ERROR <code> <STATUS> [message]` as the real API's google.rpc.Status JSON."""
+    for line in text.splitlines():
+        parts = line.strip().split(" ", 3)
+        if parts[0] == "ERROR" and len(parts) > 2 and parts[2].isupper():
+            status, message = parts[2], parts[3] if len(parts) > 3 else ""
+            break
+    else:
+        return None
+    details: list[dict[str, Any]] = []
+    if status == "RESOURCE_EXHAUSTED":
+        message = ("You exceeded your current quota, please check your plan and billing details. "
+                   "For more information on this error, head to: "
+                   "https://ai.google.dev/gemini-api/docs/rate-limits.")
+        details = [
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{
+                "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                "quotaDimensions": {"location": "global", "model": "gemini-2.0-flash"},
+                "quotaValue": "15"}]},
+            {"@type": "type.googleapis.com/google.rpc.Help", "links": [{
+                "description": "Learn more about Gemini API quotas",
+                "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}]
+    elif status == "FAILED_PRECONDITION":
+        message = "User location is not supported for the API use."
+    error: dict[str, Any] = {"code": code, "message": message or status, "status": status}
+    if details:
+        error["details"] = details
+    return web.json_response({"error": error}, status=code)
+
+
 def _describe(part: dict[str, Any]) -> str | None:
     if "inlineData" in part:
         d = part["inlineData"]
@@ -245,6 +281,9 @@ class FakeGemini(LoopbackFake):
             return self._error(400, str(exc))
         d, user_text = self._decide(body)
         if d.error_status:
+            shaped = _google_error(d.error_status, user_text)
+            if shaped is not None:
+                return shaped
             return self._error(d.error_status, f"fake upstream error {d.error_status}")
         lines = {ln.strip() for ln in user_text.splitlines()}
         gen = body.get("generationConfig") or {}
