@@ -478,6 +478,12 @@ def reply_to_json(r: pb.CreateChatCompletionResponse) -> dict[str, Any]:
                          "model": r.model, "choices": choices}
     if r.HasField("usage"):
         d["usage"] = usage_to_json(r.usage)
+    return _add_tier(d, r)
+
+
+def _add_tier(d: dict[str, Any],
+              r: pb.CreateChatCompletionResponse | pb.StreamChatCompletionResponse) -> dict[str, Any]:
+    """`system_fingerprint` and `service_tier` when the upstream sent them."""
     if r.system_fingerprint:
         d["system_fingerprint"] = r.system_fingerprint
     if r.service_tier:
@@ -577,7 +583,7 @@ def chunk_to_json(r: pb.StreamChatCompletionResponse, include_usage: bool) -> di
         choices.append(choice)
     d: dict[str, Any] = {"id": r.id, "object": "chat.completion.chunk", "created": r.created,
                          "model": r.model, "choices": choices}
-    if r.system_fingerprint:
+    if r.system_fingerprint:  # `_add_tier` inline: a call per token costs more than two lines
         d["system_fingerprint"] = r.system_fingerprint
     if r.service_tier:
         d["service_tier"] = r.service_tier
@@ -590,11 +596,7 @@ def usage_chunk_to_json(r: pb.StreamChatCompletionResponse) -> dict[str, Any]:
     """The final usage-only chunk of a stream whose caller asked for usage."""
     d: dict[str, Any] = {"id": r.id, "object": "chat.completion.chunk", "created": r.created,
                          "model": r.model, "choices": [], "usage": usage_to_json(r.usage)}
-    if r.system_fingerprint:
-        d["system_fingerprint"] = r.system_fingerprint
-    if r.service_tier:
-        d["service_tier"] = r.service_tier
-    return d
+    return _add_tier(d, r)
 
 
 # ----------------------------------------------------------------- images ----
