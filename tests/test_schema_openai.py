@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -204,6 +206,18 @@ def test_every_finish_reason_maps_both_ways(value: int) -> None:
     reply = copy.deepcopy(REPLIES[0])
     reply["choices"][0]["finish_reason"] = name
     assert s.reply_to_json(s.reply_from_json(reply)) == reply
+
+
+def test_schema_is_a_leaf() -> None:
+    # Both the façade and the provider depend on it, so it may load nothing of theirs
+    # (nor the router or gateway): the contract, core.errors and core.bounds only.
+    code = ("import sys, switchboard.core.schema.openai; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('switchboard'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert set(out.stdout.split()) == {
+        "switchboard", "switchboard.v1", "switchboard.v1.inference_pb2", "switchboard.core",
+        "switchboard.core.errors", "switchboard.core.bounds", "switchboard.core.schema",
+        "switchboard.core.schema.check", "switchboard.core.schema.openai"}
 
 
 # ------------------------------------------------------ normalisations ----
