@@ -103,7 +103,7 @@ REPLIES: list[dict[str, Any]] = [{
     ]}]
 
 _HEAD = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1733300000,
-         "model": "gpt-4o", "system_fingerprint": "fp_1", "service_tier": "default"}
+         "model": "gpt-4o", "system_fingerprint": "fp_1"}
 CHUNKS: list[dict[str, Any]] = [
     {**_HEAD, "usage": None, "choices": [{"index": 0, "finish_reason": None, "delta": {
         "role": "assistant", "content": "", "refusal": "r", "reasoning_content": "t"},
@@ -114,7 +114,7 @@ CHUNKS: list[dict[str, Any]] = [
     {**_HEAD, "usage": None, "choices": [{"index": 1, "finish_reason": None, "delta": {
         "tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]}}]},
     {**_HEAD, "usage": None, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
-    {**_HEAD, "choices": [], "usage": USAGE},
+    {**_HEAD, "service_tier": "default", "choices": [], "usage": USAGE},
 ]
 
 
@@ -302,9 +302,10 @@ def test_reply_normalisations(reply: dict[str, Any], want: dict[str, Any]) -> No
 
 
 def test_chunk_normalisations() -> None:
-    head = {k: v for k, v in _HEAD.items() if k not in ("system_fingerprint", "service_tier")}
-    got = chunk_round_trip({**head, "choices": [{"delta": {"role": "user", "reasoning": "t"},
-                                                 "logprobs": None}]})
+    head = {k: v for k, v in _HEAD.items() if k != "system_fingerprint"}
+    got = chunk_round_trip({**head, "service_tier": "default", "system_fingerprint": "",
+                            "choices": [{"delta": {"role": "user", "reasoning": "t"},
+                                         "logprobs": None}]})
     assert got == {**head, "usage": None, "choices": [
         {"index": 0, "finish_reason": None, "delta": {"reasoning_content": "t"}}]}
 
@@ -333,8 +334,9 @@ class ScriptedOpenAI(LoopbackFake):
             return web.json_response(REPLIES[0])
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
-        for c in CHUNKS:
-            await resp.write(b"data: " + json.dumps(c).encode() + b"\n\n")
+        for c in CHUNKS:  # as OpenAI does, every chunk names the tier (relayed on the last)
+            await resp.write(b"data: " + json.dumps({**c, "service_tier": "default"}).encode()
+                             + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
