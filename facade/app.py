@@ -36,6 +36,7 @@ from switchboard.core.edge import public
 from switchboard.core.errors import GatewayError, for_http_status, invalid
 from switchboard.core.gateway import CallContext, new_request_id
 from switchboard.core.keys import bearer_token
+from switchboard.core.schema import openai as wire
 from switchboard.facade import openai_json as oj
 from switchboard.facade.admin_routes import add_admin_routes
 from switchboard.facade.body import read_json
@@ -154,12 +155,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     rid = request[RID]
-    params, stream = oj.parse_chat(await _body(request))
+    params, stream = wire.parse_chat(await _body(request))
     ctx = _context(request, rid)
     transport = request.app[TRANSPORT]
     if not stream:
         resp = await transport.chat(pb.CreateChatCompletionRequest(params=params), ctx)
-        return _json(oj.chat_response_json(resp), rid, extra=ctx.response_headers)
+        return _json(wire.reply_to_json(resp), rid, extra=ctx.response_headers)
     return await _relay_stream(request, transport.stream_chat(
         pb.StreamChatCompletionRequest(params=params), ctx), rid,
         params.stream_options.include_usage, ctx)
@@ -178,7 +179,7 @@ async def _relay_stream(request: web.Request,
     resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": rid,
                                        **(ctx.response_headers or {})})
     await resp.prepare(request)
-    write, dumps, chunk_json = resp.write, orjson.dumps, oj.chunk_json  # per-chunk loop
+    write, dumps, chunk_json = resp.write, orjson.dumps, wire.chunk_to_json  # per-chunk loop
     # Backpressure: aiohttp waits for the client only every 64 KiB written; waiting after
     # each event while the connection's buffer is over its mark (facade/guard.py) stops
     # the next upstream read sooner (a no-op when the client keeps up).
@@ -192,7 +193,7 @@ async def _relay_stream(request: web.Request,
                     # one write per event: relayed as it arrives, never batched
                     await write(b"data: " + dumps(chunk_json(chunk, include_usage)) + b"\n\n")
                 if include_usage and has_usage:
-                    await write(b"data: " + dumps(oj.usage_chunk_json(chunk)) + b"\n\n")
+                    await write(b"data: " + dumps(wire.usage_chunk_to_json(chunk)) + b"\n\n")
                 await drain()
                 try:
                     chunk = await it.__anext__()
@@ -209,22 +210,22 @@ async def _relay_stream(request: web.Request,
 async def list_models(request: web.Request) -> web.StreamResponse:
     ctx = _context(request, request[RID])
     resp = await request.app[TRANSPORT].list_models(pb.ListModelsRequest(), ctx)
-    return _json(oj.models_json(resp.models), request[RID])
+    return _json(wire.models_to_json(resp.models), request[RID])
 
 
 async def get_model(request: web.Request) -> web.StreamResponse:
     ctx = _context(request, request[RID])
     resp = await request.app[TRANSPORT].get_model(
         pb.GetModelRequest(model=request.match_info["model"]), ctx)
-    return _json(oj.model_json(resp.model), request[RID])
+    return _json(wire.model_to_json(resp.model), request[RID])
 
 
 async def images_generations(request: web.Request) -> web.StreamResponse:
     rid = request[RID]
-    req = oj.parse_image(await _body(request))
+    req = wire.parse_image(await _body(request))
     ctx = _context(request, rid)
     resp = await request.app[TRANSPORT].create_image(req, ctx)
-    return _json(oj.image_response_json(resp), rid, extra=ctx.response_headers)
+    return _json(wire.image_reply_to_json(resp), rid, extra=ctx.response_headers)
 
 
 # ---- operations endpoints: the answers come from core/health.py and core/metrics.py ----

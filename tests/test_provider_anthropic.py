@@ -27,7 +27,7 @@ from switchboard.core.providers.anthropic import (
     response_from_wire,
 )
 from switchboard.core.providers.base import UpstreamError
-from switchboard.facade.openai_json import parse_chat
+from switchboard.core.schema.openai import parse_chat
 from switchboard.v1 import inference_pb2 as pb
 from tests.fakes.anthropic_upstream import FakeAnthropic, Invalid, signature_for, validate
 from tests.harness import AUTH, TEST_KEY, Stack, channel_yaml, make_config, running_stack

@@ -34,7 +34,7 @@ from switchboard.core.providers.gemini import (
     params_to_wire,
     response_from_wire,
 )
-from switchboard.facade.openai_json import parse_chat
+from switchboard.core.schema.openai import parse_chat
 from switchboard.v1 import inference_pb2 as pb
 from tests.fakes.gemini_upstream import FakeGemini, signature_for
 from tests.harness import AUTH, TEST_KEY, Stack, channel_yaml, make_config, running_stack

@@ -33,7 +33,7 @@ from switchboard.core.providers.ollama import (
     params_to_wire,
     response_from_wire,
 )
-from switchboard.facade.openai_json import parse_chat
+from switchboard.core.schema.openai import parse_chat
 from switchboard.v1 import inference_pb2 as pb
 from tests.fakes.ollama_upstream import FakeOllama
 from tests.harness import AUTH, TEST_KEY, Stack, channel_yaml, make_config, running_stack
