@@ -120,7 +120,7 @@ channels:
 shutdown_grace_s: 1
 """)
     env = {**os.environ, "SWITCHBOARD_ADMIN_KEY": ADMIN_KEY, "SWITCHBOARD_KEY": DEMO_KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "switchboard.core.cli", "serve", "--config", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "switchboard.core.composition.cli", "serve", "--config", str(config),
                              "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp)
     assert proc.stdout is not None
@@ -162,7 +162,7 @@ def _logical_lines(text: str) -> Iterator[str]:
 def _serve_demo() -> str:
     """`switchboard serve` with no config, on free ports: the embedded demo answers a chat
     with the demo key, then SIGTERM stops it with status 0."""
-    proc = subprocess.Popen([sys.executable, "-m", "switchboard.core.cli", "serve", "--http", "127.0.0.1:0",
+    proc = subprocess.Popen([sys.executable, "-m", "switchboard.core.composition.cli", "serve", "--http", "127.0.0.1:0",
                              "--grpc", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
     try:
@@ -248,7 +248,7 @@ def _run_line(line: str, server: Server, notes: list[str]) -> None:
         elif argv == ["switchboard", "serve"]:
             notes.append(_serve_demo())
         elif tool == "switchboard":
-            run = subprocess.run([sys.executable, "-m", "switchboard.core.cli", *argv[1:]], env=server.env,
+            run = subprocess.run([sys.executable, "-m", "switchboard.core.composition.cli", *argv[1:]], env=server.env,
                                  capture_output=True, text=True, timeout=60)
             assert run.returncode == 0, f"{command}\n{run.stdout}\n{run.stderr}"
             notes.append(f"switchboard {argv[1]}: ok")
