@@ -52,6 +52,7 @@ NOT_RUN = {
     "scripts/gen_protos.sh": ".ci/run runs `scripts/gen_protos.sh --check`",
     "ruff": ".ci/run runs it",
     "mypy": ".ci/run runs it",
+    "lint-imports": ".ci/run runs it, and tests/test_layers.py",
     "bash": "`bash .ci/run` is CI itself",
 }
 
@@ -231,6 +232,8 @@ def _run_line(line: str, server: Server, notes: list[str]) -> None:
                       lambda m: server.env.get(m.group(1) or m.group(2), m.group(0)), line)
     for command in _commands(expanded):
         argv = shlex.split(command, comments=True)
+        while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0]):
+            argv = argv[1:]  # `NAME=value command`: the command is the tool
         if not argv:
             continue
         tool = argv[0]
