@@ -99,7 +99,7 @@ async def gateway_process(config_text: str) -> AsyncIterator[tuple[asyncio.subpr
         path = Path(tmp) / "sb.yaml"
         path.write_text(config_text)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "switchboard.core.cli", "serve", "--config", str(path),
+            sys.executable, "-m", "switchboard.core.composition.cli", "serve", "--config", str(path),
             "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0", cwd=tmp,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
         assert proc.stdout is not None

@@ -31,22 +31,14 @@ from typing import Any, NoReturn
 import grpc
 
 from switchboard.core.bounds import check_json_fields
+from switchboard.core.contract import new_request_id
 from switchboard.core.errors import GatewayError, invalid
-from switchboard.core.gateway import new_request_id
-from switchboard.core.logs import REDACTOR
+from switchboard.core.redact import public
 
 log = logging.getLogger("switchboard.grpc")
 
 # The request id the boundary fixed for the call being served (its own task's context).
 current_request_id: ContextVar[str | None] = ContextVar("switchboard_grpc_rid", default=None)
-
-
-def public(err: GatewayError) -> GatewayError:
-    """The error as it may leave the gateway: its message with secrets masked (known
-    keys and secret-shaped strings, core/logs.py). A copy when anything changed, so an
-    error object shared between calls keeps its text."""
-    clean = REDACTOR.redact(err.message)
-    return err if clean == err.message else err.with_message(clean)
 
 
 class _Rejected:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,11 @@ from typing import TypeVar
 import grpc
 
 from switchboard.core.config import Config
+
+# CallContext and new_request_id live in the contract the façade shares (core/contract.py);
+# re-exported here for the core's callers.
+from switchboard.core.contract import CallContext as CallContext
+from switchboard.core.contract import new_request_id as new_request_id
 from switchboard.core.errors import GatewayError, invalid, model_not_found
 from switchboard.core.keys import KeyRecord, KeyRing, check_client_network, check_model_allowed
 from switchboard.core.ledger import PriceTable
@@ -40,21 +44,6 @@ log = logging.getLogger("switchboard.gateway")
 
 
 @dataclass
-class CallContext:
-    """Who is calling and under what terms, independent of the surface."""
-
-    api_key: str
-    request_id: str
-    surface: str  # "rest" | "grpc"
-    deadline: float | None = None  # event-loop time; None = no caller deadline
-    peer: str = ""
-    traceparent: str = ""  # W3C trace context from the caller (REST header / gRPC metadata)
-    # Set by the gateway once the request is admitted: x-ratelimit-* for the response
-    # (REST headers, gRPC initial metadata); None when the key has no rate limits.
-    response_headers: dict[str, str] | None = None
-
-
-@dataclass
 class _Call:
     """What one request has gathered so far, for its usage record whatever the ending."""
 
@@ -64,11 +53,6 @@ class _Call:
 
 
 _R = TypeVar("_R", pb.CreateChatCompletionResponse, pb.CreateImageResponse)
-
-
-def new_request_id() -> str:
-    # 128 random bits as 32 hex digits, like uuid4().hex but 5× cheaper (hot path).
-    return f"req_{os.urandom(16).hex()}"
 
 
 def _validate_chat(p: pb.ChatCompletionParams) -> None:

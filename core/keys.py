@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 import grpc
 
 from switchboard.core.config import KeyConfig
+from switchboard.core.contract import bearer_token as bearer_token  # shared with the façade
 from switchboard.core.errors import GatewayError
 
 if TYPE_CHECKING:
@@ -68,16 +69,6 @@ class KeyRecord:
 @lru_cache(maxsize=1024)
 def _glob(patterns: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
-
-
-def bearer_token(authorization: str | None) -> str:
-    """The key from an `Authorization: Bearer <key>` value ('' when absent)."""
-    if not authorization:
-        return ""
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return ""
-    return token.strip()
 
 
 _MISSING = GatewayError(

@@ -31,15 +31,16 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import grpc
 
 from switchboard.core.config import Config
+from switchboard.core.contract import CallContext
 from switchboard.core.errors import GatewayError
-from switchboard.core.logs import REDACTOR, log_request
+from switchboard.core.logs import log_request
+from switchboard.core.redact import REDACTOR
 from switchboard.core.metrics import Metrics
 from switchboard.core.providers.base import UpstreamError
 from switchboard.core.tracing import Tracing
 from switchboard.core.usage import UsageRecord
 
 if TYPE_CHECKING:
-    from switchboard.core.gateway import CallContext
     from switchboard.core.router import Candidate
 
 T = TypeVar("T")

@@ -1,4 +1,4 @@
-"""Config reload, one code path for every trigger: SIGHUP (core/cli.py),
+"""Config reload, one code path for every trigger: SIGHUP (core/composition/cli.py),
 `Runtime.reload()` and the admin API's ReloadConfig.
 
 The file is re-read off the event loop and validated whole; `Gateway.reload` then

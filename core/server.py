@@ -24,13 +24,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from switchboard.core.admin import AdminAPI, AdminServicer
 from switchboard.core.config import ServerSettings
+from switchboard.core.contract import MAX_MESSAGE_BYTES
 from switchboard.core.edge import ErrorBoundary
 from switchboard.core.gateway import Gateway
 from switchboard.core.reflection import enable_reflection
 from switchboard.core.service import InferenceServicer
 from switchboard.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Our services: each is known to the health service (and to reflection) by name.
 SERVICES = (inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
             admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name)

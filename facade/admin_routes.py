@@ -1,5 +1,6 @@
 """The admin API as REST under /admin/v1/: JSON ⇄ the AdminService messages, nothing
-else. In one process the routes call core/admin.py's AdminAPI directly; with the
+else. In one process the routes call core/admin.py's AdminAPI directly, through the
+`AdminCaller` the composition root hands in (core/composition/runtime.py); with the
 façade apart they call the core's AdminService over the transport's gRPC channel.
 Bodies and replies use the proto3 JSON mapping (snake_case accepted and returned;
 int64 values are JSON strings; enums by name, e.g. "BUDGET_PERIOD_DAY";
@@ -18,7 +19,6 @@ times RFC 3339). Errors are the same OpenAI-style objects as /v1 (errors_middlew
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -27,28 +27,17 @@ from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from switchboard.core.contract import AdminCaller, bearer_token
 from switchboard.core.errors import GatewayError, invalid
-from switchboard.core.keys import bearer_token
 from switchboard.facade.body import read_json
 from switchboard.v1 import admin_pb2 as apb
 from switchboard.v1 import admin_pb2_grpc as apb_grpc
 
-Caller = Callable[[str, Message, str], Awaitable[Message]]
+Caller = AdminCaller
 ADMIN: web.AppKey[Caller] = web.AppKey("admin_caller")
 _MASKABLE = {f.name for f in apb.ApiKey.DESCRIPTOR.fields} - {
     "id", "prefix", "create_time", "update_time", "revoke_time"}
 _CAMEL = {f.json_name: f.name for f in apb.ApiKey.DESCRIPTOR.fields}
-
-
-def _in_process(transport: Any) -> Caller:
-    from switchboard.core.admin import RPCS, AdminAPI
-
-    api = AdminAPI(transport)
-
-    async def call(rpc: str, req: Message, token: str) -> Message:
-        return await getattr(api, RPCS[rpc])(req, token)
-
-    return call
 
 
 def _over_grpc(channel: grpc.aio.Channel) -> Caller:
@@ -64,10 +53,16 @@ def _over_grpc(channel: grpc.aio.Channel) -> Caller:
     return call
 
 
-def add_admin_routes(app: web.Application, transport: Any) -> None:
-    """Mount /admin/v1/ for a transport: the Gateway itself, or a GrpcTransport."""
+def add_admin_routes(app: web.Application, transport: Any, admin: Caller | None = None) -> None:
+    """Mount /admin/v1/ for a transport: a GrpcTransport calls the core's AdminService
+    over its channel; in one process `admin` (the core's AdminAPI) answers."""
     channel = getattr(transport, "channel", None)
-    app[ADMIN] = _over_grpc(channel) if channel is not None else _in_process(transport)
+    if channel is not None:
+        app[ADMIN] = _over_grpc(channel)
+    elif admin is not None:
+        app[ADMIN] = admin
+    else:
+        raise TypeError("an in-process transport needs the admin caller")
     app.router.add_post("/admin/v1/keys", create_key)
     app.router.add_get("/admin/v1/keys", list_keys)
     app.router.add_get("/admin/v1/keys/{id}", get_key)

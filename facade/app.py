@@ -32,22 +32,20 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-from switchboard.core.edge import public
+from switchboard.core.contract import AdminCaller, CallContext, Transport, bearer_token, new_request_id
 from switchboard.core.errors import GatewayError, for_http_status, invalid
-from switchboard.core.gateway import CallContext, new_request_id
-from switchboard.core.keys import bearer_token
+from switchboard.core.redact import public
 from switchboard.core.schema import openai as wire
 from switchboard.facade import openai_json as oj
 from switchboard.facade.admin_routes import add_admin_routes
 from switchboard.facade.body import read_json
-from switchboard.facade.transport import Transport
 from switchboard.v1 import inference_pb2 as pb
 
 log = logging.getLogger("switchboard.facade")
 
 
 class Ops(Protocol):
-    """What the operations endpoints need (built by core/runtime.py)."""
+    """What the operations endpoints need (built by core/composition/runtime.py)."""
 
     async def ready(self) -> tuple[bool, dict[str, str]]: ...
 
@@ -315,7 +313,7 @@ class JsonErrorRunner(web.AppRunner):
 
 
 def create_app(transport: Transport, *, max_body_bytes: int = 20 * 1024 * 1024,
-               ops: Ops | None = None) -> web.Application:
+               ops: Ops | None = None, admin: AdminCaller | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
     app[TRANSPORT] = transport
     if ops is not None:
@@ -324,5 +322,5 @@ def create_app(transport: Transport, *, max_body_bytes: int = 20 * 1024 * 1024,
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_post("/v1/images/generations", images_generations)
-    add_admin_routes(app, transport)
+    add_admin_routes(app, transport, admin)
     return app

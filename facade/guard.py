@@ -33,7 +33,7 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
-from switchboard.core.config import ServerSettings
+from switchboard.core.contract import ConnectionLimits
 from switchboard.facade.app import JsonErrorProtocol, JsonErrorRunner
 
 log = logging.getLogger("switchboard.facade")
@@ -58,7 +58,7 @@ def _raw_response(status: int, reason: str, message: str, err_type: str, code: s
 class ConnectionGuard:
     """One listener's connection count and settings, shared by its handlers."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ConnectionLimits) -> None:
         self.settings = settings
         self.open = 0
         self.refused = 0    # connections answered 503 (over max_connections)
@@ -184,7 +184,7 @@ class GuardedRunner(JsonErrorRunner):
     """The façade's runner (JSON parser errors, our own body decoding) whose listeners
     guard every connection with `settings`."""
 
-    def __init__(self, app: web.Application, *, settings: ServerSettings, **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, *, settings: ConnectionLimits, **kwargs: Any) -> None:
         if settings.idle_timeout_s > 0:
             kwargs.setdefault("keepalive_timeout", settings.idle_timeout_s)
         super().__init__(app, **kwargs)

@@ -1,5 +1,6 @@
 """How the façade reaches the core. Both transports expose the Gateway's methods with
-the same messages and raise the same GatewayErrors:
+the same messages and raise the same GatewayErrors (the `Transport` protocol in
+core/contract.py):
 
 - in one process the façade holds the `Gateway` itself and calls it directly: a
   grpc.aio hop would cost ~0.5 ms CPU per request (docs/design.md, "Performance");
@@ -10,31 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
-from typing import Any, Protocol, TypedDict
+from typing import Any, TypedDict
 
 import grpc
 
+from switchboard.core.contract import MAX_MESSAGE_BYTES, CallContext
 from switchboard.core.errors import GatewayError
-from switchboard.core.gateway import CallContext
-from switchboard.core.server import MAX_MESSAGE_BYTES
 from switchboard.v1 import inference_pb2 as pb
 from switchboard.v1 import inference_pb2_grpc as pb_grpc
-
-
-class Transport(Protocol):
-    async def chat(self, req: pb.CreateChatCompletionRequest,
-                   ctx: CallContext) -> pb.CreateChatCompletionResponse: ...
-
-    def stream_chat(self, req: pb.StreamChatCompletionRequest,
-                    ctx: CallContext) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]: ...
-
-    async def list_models(self, req: pb.ListModelsRequest,
-                          ctx: CallContext) -> pb.ListModelsResponse: ...
-
-    async def get_model(self, req: pb.GetModelRequest, ctx: CallContext) -> pb.GetModelResponse: ...
-
-    async def create_image(self, req: pb.CreateImageRequest,
-                           ctx: CallContext) -> pb.CreateImageResponse: ...
 
 
 class _CallArgs(TypedDict):

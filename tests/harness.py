@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import grpc
 
+from switchboard.core.composition.runtime import Runtime
 from switchboard.core.config import Config, load_config_text
 from switchboard.core.gateway import Gateway
-from switchboard.core.runtime import Runtime
 from switchboard.core.usage import MemoryUsageSink
 from switchboard.v1 import inference_pb2_grpc as pb_grpc
 

@@ -19,8 +19,8 @@ import httpx
 import pytest
 from google.protobuf import field_mask_pb2
 
-from switchboard.core.runtime import Runtime
-from switchboard.core.state import open_gateway
+from switchboard.core.composition.runtime import Runtime
+from switchboard.core.composition.state import open_gateway
 from switchboard.v1 import admin_pb2 as apb
 from switchboard.v1 import admin_pb2_grpc as apb_grpc
 from tests.harness import make_config
@@ -28,7 +28,7 @@ from tests.harness import make_config
 ADMIN_KEY = "adm-test-0123456789abcdef"
 UPSTREAM_KEY = "upstream-secret-echo"
 # The installed console script is not needed: the CLI module runs with this interpreter.
-BIN = (sys.executable, "-m", "switchboard.core.cli")
+BIN = (sys.executable, "-m", "switchboard.core.composition.cli")
 
 
 @dataclass
@@ -256,7 +256,7 @@ async def test_rest_admin_reaches_a_remote_core_over_grpc(tmp_path: Path) -> Non
 async def test_cli_static_keys_revoke_twice_usage_json_and_small_costs(admin: Admin) -> None:
     """Issue 11: `keys list` shows the config's static keys (marked), a second revoke says
     so, `usage --json` prints numbers as numbers, and small costs are not rounded to 0."""
-    from switchboard.core.cli_admin import money
+    from switchboard.core.composition.cli_admin import money
     from tests.harness import TEST_KEY
 
     server = ("--server", admin.rt.grpc_target)
@@ -292,7 +292,7 @@ async def test_cli_static_keys_revoke_twice_usage_json_and_small_costs(admin: Ad
 
 
 def test_money_keeps_small_costs_visible() -> None:
-    from switchboard.core.cli_admin import money
+    from switchboard.core.composition.cli_admin import money
 
     assert [money(x) for x in (0, 12.5, 0.01, 0.0042, 0.0000123, 0.000000456)] == [
         "0.0000", "12.5000", "0.0100", "0.00420", "0.0000123", "0.000000456"]

@@ -17,9 +17,9 @@ import pytest
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 
+from switchboard.core.composition.runtime import Runtime
+from switchboard.core.composition.state import open_gateway
 from switchboard.core.errors import GatewayError
-from switchboard.core.runtime import Runtime
-from switchboard.core.state import open_gateway
 from switchboard.v1 import admin_pb2 as apb
 from switchboard.v1 import admin_pb2_grpc as apb_grpc
 from switchboard.v1 import inference_pb2 as pb

@@ -462,7 +462,7 @@ async def test_panic_routing_tries_the_soonest_cool_down_end_first() -> None:
 # ------------------------------------------------------------ caller deadlines ----
 
 def _run_on_uvloop(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """The gateway runs on uvloop in production (core/cli.py), whose timers may fire up
+    """The gateway runs on uvloop in production (core/composition/cli.py), whose timers may fire up
     to a millisecond early; the deadline bug only showed there."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(test())

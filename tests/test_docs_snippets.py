@@ -52,6 +52,7 @@ NOT_RUN = {
     "scripts/gen_protos.sh": ".ci/run runs `scripts/gen_protos.sh --check`",
     "ruff": ".ci/run runs it",
     "mypy": ".ci/run runs it",
+    "lint-imports": ".ci/run runs it, and tests/test_layers.py",
     "bash": "`bash .ci/run` is CI itself",
 }
 
@@ -120,7 +121,7 @@ channels:
 shutdown_grace_s: 1
 """)
     env = {**os.environ, "SWITCHBOARD_ADMIN_KEY": ADMIN_KEY, "SWITCHBOARD_KEY": DEMO_KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "switchboard.core.cli", "serve", "--config", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "switchboard.core.composition.cli", "serve", "--config", str(config),
                              "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp)
     assert proc.stdout is not None
@@ -162,7 +163,7 @@ def _logical_lines(text: str) -> Iterator[str]:
 def _serve_demo() -> str:
     """`switchboard serve` with no config, on free ports: the embedded demo answers a chat
     with the demo key, then SIGTERM stops it with status 0."""
-    proc = subprocess.Popen([sys.executable, "-m", "switchboard.core.cli", "serve", "--http", "127.0.0.1:0",
+    proc = subprocess.Popen([sys.executable, "-m", "switchboard.core.composition.cli", "serve", "--http", "127.0.0.1:0",
                              "--grpc", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
     try:
@@ -231,6 +232,8 @@ def _run_line(line: str, server: Server, notes: list[str]) -> None:
                       lambda m: server.env.get(m.group(1) or m.group(2), m.group(0)), line)
     for command in _commands(expanded):
         argv = shlex.split(command, comments=True)
+        while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0]):
+            argv = argv[1:]  # `NAME=value command`: the command is the tool
         if not argv:
             continue
         tool = argv[0]
@@ -248,7 +251,7 @@ def _run_line(line: str, server: Server, notes: list[str]) -> None:
         elif argv == ["switchboard", "serve"]:
             notes.append(_serve_demo())
         elif tool == "switchboard":
-            run = subprocess.run([sys.executable, "-m", "switchboard.core.cli", *argv[1:]], env=server.env,
+            run = subprocess.run([sys.executable, "-m", "switchboard.core.composition.cli", *argv[1:]], env=server.env,
                                  capture_output=True, text=True, timeout=60)
             assert run.returncode == 0, f"{command}\n{run.stdout}\n{run.stderr}"
             notes.append(f"switchboard {argv[1]}: ok")

@@ -19,9 +19,11 @@ from aiohttp import web
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from switchboard.core.composition.runtime import admin_caller
 from switchboard.core.errors import GatewayError
 from switchboard.core.gateway import Gateway
-from switchboard.core.logs import REDACTED, update_secrets
+from switchboard.core.logs import update_secrets
+from switchboard.core.redact import REDACTED
 from switchboard.core.server import build_grpc_server
 from switchboard.facade.app import JsonErrorRunner, create_app
 from switchboard.v1 import inference_pb2 as pb
@@ -153,7 +155,7 @@ async def _rest_fail(request: web.Request) -> web.StreamResponse:
 
 
 async def test_new_route_is_scrubbed_and_mapped_at_the_rest_edge(gateway: Gateway) -> None:
-    app = create_app(gateway)
+    app = create_app(gateway, admin=admin_caller(gateway))
     app.router.add_get("/v1/leaky", _rest_fail)  # a new route, no error handling of its own
     runner = JsonErrorRunner(app)
     await runner.setup()

@@ -9,8 +9,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from switchboard.core.composition.runtime import Runtime
 from switchboard.core.gateway import Gateway
-from switchboard.core.runtime import Runtime
 from tests.harness import make_config, running_stack
 
 ECHO = "channels:\n  - {name: e, provider: echo, models: [echo]}\n"

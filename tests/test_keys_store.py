@@ -13,11 +13,11 @@ import grpc
 import httpx
 import pytest
 
+from switchboard.core.composition.runtime import Runtime
+from switchboard.core.composition.state import open_gateway
 from switchboard.core.config import KeyConfig
 from switchboard.core.errors import GatewayError
 from switchboard.core.keys import StoreKeyRing, check_client_network, hash_key, record_from_stored
-from switchboard.core.runtime import Runtime
-from switchboard.core.state import open_gateway
 from switchboard.core.store import SqlStore, StoredKey, new_key_id, new_secret, open_store
 from switchboard.core.usage import UsageRecord
 from tests.harness import make_config

@@ -13,13 +13,13 @@ import grpc
 import httpx
 import pytest
 
+from switchboard.core.composition.runtime import Runtime
 from switchboard.core.config import Price
 from switchboard.core.errors import GatewayError
 from switchboard.core.gateway import Gateway
 from switchboard.core.keys import KeyRecord
 from switchboard.core.ledger import Ledger, PriceTable
 from switchboard.core.limits import Limits, MemoryBackend
-from switchboard.core.runtime import Runtime
 from switchboard.core.store import SqlStore, open_store
 from switchboard.core.usage import UsageRecord
 from switchboard.v1 import inference_pb2 as pb
@@ -174,7 +174,7 @@ def test_price_table() -> None:
 
 async def test_gateway_rows_carry_cost_key_and_surface(tmp_path: Path) -> None:
     """Real requests through the gateway end up as ledger rows with their cost."""
-    from switchboard.core.state import open_gateway
+    from switchboard.core.composition.state import open_gateway
 
     config = make_config(f"""
 store: sqlite:///{tmp_path}/gw.db

@@ -14,7 +14,8 @@ import pytest
 from aiohttp import web
 
 from switchboard.core.config import load_config_text
-from switchboard.core.logs import REDACTED, Redactor, config_secrets, make_handler, setup_logging
+from switchboard.core.logs import config_secrets, make_handler, setup_logging
+from switchboard.core.redact import REDACTED, Redactor
 from switchboard.core.store.base import new_secret
 from switchboard.v1 import inference_pb2 as pb
 from tests.fakes.openai_upstream import FakeOpenAI

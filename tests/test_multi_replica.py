@@ -45,7 +45,7 @@ from tests.conftest import (
 pytestmark = [needs_redis, needs_postgres]
 
 # The installed console script is not needed: the CLI module runs with this interpreter.
-BIN = (sys.executable, "-m", "switchboard.core.cli")
+BIN = (sys.executable, "-m", "switchboard.core.composition.cli")
 ADMIN_KEY = "adm-" + os.urandom(12).hex()
 UPSTREAM_KEY = "upstream-" + os.urandom(12).hex()
 STATIC_KEY = "sk-static-" + os.urandom(12).hex()

@@ -20,7 +20,7 @@ from switchboard.core.config import DEMO_KEY
 from switchboard.v1 import inference_pb2 as pb
 from switchboard.v1 import inference_pb2_grpc as pb_grpc
 
-SWITCHBOARD = [sys.executable, "-m", "switchboard.core.cli"]
+SWITCHBOARD = [sys.executable, "-m", "switchboard.core.composition.cli"]
 
 
 @asynccontextmanager

@@ -101,7 +101,7 @@ async def test_bad_config_is_rejected_and_the_old_one_keeps_serving(tmp_path: Pa
 
 async def start_cli(*args: str, cwd: Path) -> tuple[asyncio.subprocess.Process, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "switchboard.core.cli", *args, stdout=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "switchboard.core.composition.cli", *args, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         cwd=cwd)  # the default SQLite store lands in the working directory
     assert proc.stdout is not None
@@ -175,15 +175,15 @@ def test_check_config(tmp_path: Path) -> None:
     write_config(good, model="m1", key=KEY_A)
     bad = tmp_path / "bad.yaml"
     bad.write_text("channels: [{name: x, provider: nope, models: [m]}]\n")
-    ok = subprocess.run([sys.executable, "-m", "switchboard.core.cli", "check-config", str(good)],
+    ok = subprocess.run([sys.executable, "-m", "switchboard.core.composition.cli", "check-config", str(good)],
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and ok.stdout.startswith("OK"), ok
-    no = subprocess.run([sys.executable, "-m", "switchboard.core.cli", "check-config", str(bad)],
+    no = subprocess.run([sys.executable, "-m", "switchboard.core.composition.cli", "check-config", str(bad)],
                         capture_output=True, text=True, timeout=60)
     assert no.returncode == 2
     assert "channels[0].provider" in no.stderr and "unknown provider" in no.stderr
     assert not no.stdout
-    missing = subprocess.run([sys.executable, "-m", "switchboard.core.cli", "check-config", str(tmp_path / "x")],
+    missing = subprocess.run([sys.executable, "-m", "switchboard.core.composition.cli", "check-config", str(tmp_path / "x")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "cannot read" in missing.stderr
 

@@ -17,13 +17,13 @@ import grpc
 import httpx
 import pytest
 
+from switchboard.core.composition.runtime import Runtime
+from switchboard.core.composition.state import open_gateway
 from switchboard.core.config import LimitSettings, Price
 from switchboard.core.errors import GatewayError
 from switchboard.core.keys import KeyRecord
 from switchboard.core.ledger import PriceTable
 from switchboard.core.limits import Limits, MemoryBackend
-from switchboard.core.runtime import Runtime
-from switchboard.core.state import open_gateway
 from switchboard.core.store import SqlStore
 from switchboard.v1 import inference_pb2 as pb
 from switchboard.v1 import inference_pb2_grpc as pb_grpc
@@ -185,7 +185,7 @@ async def test_admin_usage_and_the_cli_show_the_served_model(env: Env) -> None:
                            params={"served_model": "gpt-4o"})
     assert [row["requests"] for row in r.json()["rows"]] == ["1"]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "switchboard.core.cli", "usage", "--server", env.rt.grpc_target,
+        sys.executable, "-m", "switchboard.core.composition.cli", "usage", "--server", env.rt.grpc_target,
         env={**os.environ, "SWITCHBOARD_ADMIN_KEY": ADMIN_KEY}, stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
     lines = out.decode().splitlines()

@@ -42,7 +42,7 @@ def children(pid: int) -> list[int]:
 async def test_two_workers_share_ports_and_stop_on_sigterm() -> None:
     http, grpc_port = free_port(), free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "switchboard.core.cli", "serve", "--workers", "2",
+        sys.executable, "-m", "switchboard.core.composition.cli", "serve", "--workers", "2",
         "--http", f"127.0.0.1:{http}", "--grpc", f"127.0.0.1:{grpc_port}",
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     try:
@@ -78,7 +78,7 @@ async def test_two_workers_share_ports_and_stop_on_sigterm() -> None:
 
 async def test_workers_need_fixed_ports() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "switchboard.core.cli", "serve", "--workers", "2", "--http", "127.0.0.1:0",
+        sys.executable, "-m", "switchboard.core.composition.cli", "serve", "--workers", "2", "--http", "127.0.0.1:0",
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2

@@ -34,11 +34,11 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from switchboard.core.cli_admin import register as register_admin_commands
-from switchboard.core.cli_admin import run_admin
+from switchboard.core.composition.cli_admin import register as register_admin_commands
+from switchboard.core.composition.cli_admin import run_admin
+from switchboard.core.composition.runtime import Runtime
 from switchboard.core.config import DEMO_KEY, Config, ConfigError, demo_config, load_config
 from switchboard.core.logs import setup_logging
-from switchboard.core.runtime import Runtime
 from switchboard.core.server import ListenError
 
 log = logging.getLogger("switchboard")
@@ -81,7 +81,7 @@ def _forward_hup(procs: list[asyncio.subprocess.Process]) -> None:
 
 async def supervise(argv: list[str], workers: int) -> int:
     """Run `workers` copies of this command as SO_REUSEPORT workers; 0 when all stopped cleanly."""
-    cmd = [sys.executable, "-m", "switchboard.core.cli", *argv, "--worker"]
+    cmd = [sys.executable, "-m", "switchboard.core.composition.cli", *argv, "--worker"]
     procs = [await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE)
              for _ in range(workers)]
     ready = ""
@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_pool(args: argparse.Namespace, config: Config, argv: list[str]) -> int:
-    from switchboard.core.runtime import split_address
+    from switchboard.core.composition.runtime import split_address
 
     addrs = []
     if args.cmd in ("serve", "facade"):

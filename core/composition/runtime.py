@@ -15,9 +15,13 @@ import os
 
 import grpc
 from aiohttp import web
+from google.protobuf.message import Message
 from grpc_health.v1 import health
 
+from switchboard.core.admin import RPCS, AdminAPI
+from switchboard.core.composition.state import open_gateway
 from switchboard.core.config import Config
+from switchboard.core.contract import AdminCaller, Transport
 from switchboard.core.errors import GatewayError
 from switchboard.core.gateway import Gateway
 from switchboard.core.health import Check, Readiness, check_grpc_core, check_redis, check_store
@@ -25,16 +29,27 @@ from switchboard.core.logs import install_redaction, update_secrets
 from switchboard.core.metrics import Metrics
 from switchboard.core.reload import reload_from_file
 from switchboard.core.server import ListenError, build_grpc_server, check_bindable, mark_serving
-from switchboard.core.state import open_gateway
 from switchboard.facade.app import create_app, create_ops_app
 from switchboard.facade.guard import GuardedRunner
-from switchboard.facade.transport import GrpcTransport, Transport
+from switchboard.facade.transport import GrpcTransport
 
 log = logging.getLogger("switchboard")
 
 # aiohttp and grpc.aio cancel whatever is left this long after the grace period; by then
 # the router has already ended those requests with a proper error (see stop()).
 _DRAIN_MARGIN_S = 2.0
+
+
+def admin_caller(gateway: Gateway) -> AdminCaller:
+    """The façade's /admin/v1 routes in one process: core/admin.py's AdminAPI over the
+    Gateway, called by RPC name (the façade itself never imports core/admin.py)."""
+    api = AdminAPI(gateway)
+
+    async def call(rpc: str, req: Message, token: str) -> Message:
+        result: Message = await getattr(api, RPCS[rpc])(req, token)
+        return result
+
+    return call
 
 
 def split_address(addr: str) -> tuple[str, int]:
@@ -93,7 +108,7 @@ class Runtime:
         install_redaction()
         if self.mode in ("serve", "core"):
             if self.gateway is None:
-                # Store, usage ledger and limiter from the config (core/state.py).
+                # Store, usage ledger and limiter from the config (core/composition/state.py).
                 self.gateway = await open_gateway(self.config)
             # Off the loop: it may resolve a host name.
             await asyncio.to_thread(check_bindable, "gRPC", self.grpc_addr,
@@ -111,7 +126,8 @@ class Runtime:
                 self.transport = (self.gateway if self.gateway is not None
                                   else GrpcTransport(self.core_target or ""))
                 app = create_app(self.transport, max_body_bytes=self.config.max_body_bytes,
-                                 ops=self)
+                                 ops=self, admin=None if self.gateway is None
+                                 else admin_caller(self.gateway))
             # Request deadlines, a connection cap and a small write buffer per
             # connection: what a slow client may cost (facade/guard.py).
             self.runner = GuardedRunner(app, settings=self.config.server,
