@@ -1,5 +1,14 @@
 """What every provider client shares: the upstream error type, the pooled aiohttp
-session, and readers for SSE and NDJSON bodies. No provider-specific knowledge here.
+session, readers for SSE and NDJSON bodies, and the one driver of an upstream call. No
+provider-specific knowledge here.
+
+The provider contract: a provider module's client says what to send (`request`: URL,
+headers, JSON body), how its stream is framed (`frames`: SSE or NDJSON), how to read a
+whole reply (`reply`) and gives a `StreamTranslator` per stream (frame -> zero or more
+of our chunks, plus what an end without a terminal frame means). `ProviderClient.chat`
+and `ProviderClient.stream` do the rest, the same way for every provider: post, map
+HTTP and connection errors, read frames, feed the translator, redact the channel's key
+from error messages, detect a stream that ended early, close the connection.
 
 Upstream calls go through aiohttp's client (DESIGN.md "Performance": httpx costs
 10–15× more CPU per request on this path).
@@ -7,8 +16,9 @@ Upstream calls go through aiohttp's client (DESIGN.md "Performance": httpx costs
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol
 
 import aiohttp
 import orjson
@@ -51,6 +61,39 @@ class UpstreamError(Exception):
         self.kind = kind
 
 
+def bad_request(message: str, param: str | None = None) -> UpstreamError:
+    """A request this provider cannot serve as asked (found while translating it, before
+    any network call): the client's fault, so no other channel is tried."""
+    return UpstreamError(message, retryable=False, status=400, param=param, kind="unsupported")
+
+
+def error_in_stream(obj: Any) -> UpstreamError | None:
+    """The `{"error": "…"}` / `{"error": {"message": …}}` object OpenAI-style and Ollama
+    streams send in place of a chunk, as a retryable stream failure; None otherwise."""
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if not err:
+        return None
+    msg = err.get("message") if isinstance(err, dict) else err
+    return UpstreamError(f"upstream stream error: {msg}", retryable=True, kind="stream")
+
+
+def function_to_wire(t: pb.Tool, schema_key: str = "parameters", *,
+                     default_schema: Any = None) -> dict[str, Any]:
+    """A tool's function as most wire formats declare one: `name`, `description` when
+    set, and the parameters JSON Schema (parsed) under `schema_key`; `default_schema`
+    when the tool has none (None: the key is left out). What differs per provider (the
+    wrapper, `strict`, schema rewrites) stays in the provider's own `tool_to_wire`."""
+    f = t.function
+    d: dict[str, Any] = {"name": f.name}
+    if f.HasField("description"):
+        d["description"] = f.description
+    if f.parameters_json:
+        d[schema_key] = orjson.loads(f.parameters_json)
+    elif default_schema is not None:
+        d[schema_key] = default_schema
+    return d
+
+
 def retryable_status(status: int) -> bool:
     """429, 5xx (incl. Anthropic's 529), and 401/403/404 that mean a channel is misconfigured
     are worth trying elsewhere; other 4xx are the client's."""
@@ -87,6 +130,36 @@ def error_message(body: bytes, fallback: str) -> tuple[str, str | None]:
     return fallback, None
 
 
+Frames = Literal["sse", "ndjson"]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """What a provider sends for one call: where, with which headers, which JSON body."""
+
+    url: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+class StreamTranslator(Protocol):
+    """One upstream stream's frames -> our chunks (one object per stream: it may keep
+    state across frames, e.g. tool-call indexes or held usage)."""
+
+    #: Set once the terminal frame was seen: the driver stops reading and closes.
+    done: bool
+
+    def frame(self, event: str, data: bytes) -> Sequence[pb.StreamChatCompletionResponse]:
+        """One frame (SSE: event name and data; NDJSON: "" and the line) -> zero or more
+        chunks, or UpstreamError (an in-stream error, a malformed frame)."""
+        ...
+
+    def end(self) -> Sequence[pb.StreamChatCompletionResponse]:
+        """The body ended and `done` never turned true: the chunks still owed (e.g. held
+        usage), or UpstreamError(kind="stream") when that means the stream was cut."""
+        ...
+
+
 class HttpPool:
     """One pooled keep-alive aiohttp session per event loop, shared by all channels."""
 
@@ -114,9 +187,14 @@ class HttpPool:
 
 
 class ProviderClient:
-    """Base for a channel's client. Subclasses implement the calls they support."""
+    """Base for a channel's client and owner of the upstream call (see the module doc).
+
+    A provider implements `request`, `reply` and `translator` and sets `frames`; one with
+    no upstream (echo) overrides `chat` and `stream` instead.
+    """
 
     supports_images = False
+    frames: ClassVar[Frames] = "sse"
 
     def __init__(self, channel: ChannelConfig, http: HttpPool) -> None:
         self.channel = channel
@@ -139,15 +217,65 @@ class ProviderClient:
             self._urls[url] = parsed
         return parsed
 
-    async def chat(self, params: pb.ChatCompletionParams,
-                   model: str) -> pb.CreateChatCompletionResponse:
+    # ---- what a provider supplies ------------------------------------------
+
+    def request(self, params: pb.ChatCompletionParams, model: str, *,
+                stream: bool) -> UpstreamRequest:
+        """The chat call for `model` (the upstream name); UpstreamError from
+        `bad_request` for what this provider cannot express."""
         raise NotImplementedError
 
-    def stream(self, params: pb.ChatCompletionParams,
-               model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
-        # A generator, not just an iterator: the router aclose()s a stream it abandons
-        # (failover, hedging, a cancelled caller), which releases the upstream connection.
+    def reply(self, data: Any, params: pb.ChatCompletionParams,
+              model: str) -> pb.CreateChatCompletionResponse:
+        """A whole reply's parsed JSON -> ours (UpstreamError kind "malformed" if it is not one)."""
         raise NotImplementedError
+
+    def translator(self, params: pb.ChatCompletionParams, model: str) -> StreamTranslator:
+        raise NotImplementedError
+
+    # ---- the driver ----------------------------------------------------------
+
+    async def chat(self, params: pb.ChatCompletionParams,
+                   model: str) -> pb.CreateChatCompletionResponse:
+        req = self.request(params, model, stream=False)
+        return self.reply(await self.post_json(req.url, req.body, req.headers), params, model)
+
+    async def stream(self, params: pb.ChatCompletionParams,
+                     model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
+        """Post, read frames, translate, relay. A generator, not just an iterator: the
+        router aclose()s a stream it abandons (failover, hedging, a cancelled caller),
+        and `finally` closes the upstream connection at once.
+
+        This is the per-chunk hot path: the frame reader is a plain object fed inline
+        (not one more async generator), and the translator is called directly.
+        """
+        req = self.request(params, model, stream=True)
+        tr = self.translator(params, model)
+        resp = await self.post(req.url, req.body, req.headers)
+        reader = SseReader() if self.frames == "sse" else NdjsonReader()
+        try:
+            try:
+                async for received in resp.content.iter_any():
+                    for event, data in reader.feed(received):
+                        for chunk in tr.frame(event, data):
+                            yield chunk
+                        if tr.done:
+                            return
+            except aiohttp.ClientError as exc:
+                raise stream_broken(exc) from None
+            for event, data in reader.close():
+                for chunk in tr.frame(event, data):
+                    yield chunk
+                if tr.done:
+                    return
+            for chunk in tr.end():  # no terminal frame: owed chunks, or "ended early"
+                yield chunk
+        except UpstreamError as err:
+            # Upstream messages may echo what we sent, key included: never relay it.
+            err.message = self.redact(err.message)
+            raise
+        finally:
+            resp.close()
 
     async def create_image(self, req: pb.CreateImageRequest, model: str) -> pb.CreateImageResponse:
         raise UpstreamError(
@@ -216,65 +344,119 @@ def stream_broken(exc: aiohttp.ClientError) -> UpstreamError:
                          kind="stream")
 
 
+class LineReader:
+    """Lines of a body fed in pieces as they arrive (without the newline; a trailing
+    "\r" dropped): `feed` returns the lines each piece completes, `close` the last line
+    when the body ended without its newline."""
+
+    __slots__ = ("_rest",)
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, received: bytes) -> list[bytes]:
+        buf = self._rest + received if self._rest else received
+        out: list[bytes] = []
+        start = 0
+        while True:  # index, not re-slice: a burst of lines stays linear
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            out.append(buf[start:nl].rstrip(b"\r"))
+            start = nl + 1
+        self._rest = buf[start:]
+        return out
+
+    def close(self) -> list[bytes]:
+        return [self._rest] if self._rest else []
+
+
+class NdjsonReader:
+    """NDJSON frames ("", line) of a body fed in pieces; blank lines are not frames."""
+
+    __slots__ = ("_lines",)
+
+    def __init__(self) -> None:
+        self._lines = LineReader()
+
+    def feed(self, received: bytes) -> list[tuple[str, bytes]]:
+        return [("", line) for line in self._lines.feed(received) if line and not line.isspace()]
+
+    def close(self) -> list[tuple[str, bytes]]:
+        return [("", line) for line in self._lines.close() if not line.isspace()]
+
+
+class SseReader:
+    """Server-sent events (event name, data) of a body fed in pieces as they arrive;
+    comments, `id:`, `retry:` and keep-alives skipped; multi-line data joined by "\n".
+    `close` returns a last event the body ended without its blank line."""
+
+    __slots__ = ("_data", "_event", "_rest")
+
+    def __init__(self) -> None:
+        self._rest = b""
+        self._event = ""
+        self._data: list[bytes] = []
+
+    def feed(self, received: bytes) -> list[tuple[str, bytes]]:
+        buf = self._rest + received if self._rest else received
+        out: list[tuple[str, bytes]] = []
+        data = self._data
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            line = buf[start:nl]
+            start = nl + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if data:
+                    out.append((self._event, data[0] if len(data) == 1 else b"\n".join(data)))
+                    data.clear()
+                self._event = ""
+            elif line.startswith(b"data:"):
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif line.startswith(b"event:"):
+                self._event = line[6:].strip().decode()
+            # ':' comments, id:, retry: are ignored
+        self._rest = buf[start:]
+        return out
+
+    def close(self) -> list[tuple[str, bytes]]:
+        rest, data = self._rest, self._data
+        if rest.endswith(b"\r"):
+            rest = rest[:-1]
+        if rest.startswith(b"data:"):  # a last line without its newline
+            data.append(rest[6:] if rest[5:6] == b" " else rest[5:])
+        return [(self._event, b"\n".join(data))] if data else []
+
+
 async def iter_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     """Lines of a streamed body (without the newline), as they arrive."""
+    reader = LineReader()
     try:
-        buf = b""
-        async for data in resp.content.iter_any():
-            buf = buf + data if buf else data
-            start = 0
-            while True:  # index, not re-slice: a burst of lines stays linear
-                nl = buf.find(b"\n", start)
-                if nl < 0:
-                    break
-                yield buf[start:nl].rstrip(b"\r")
-                start = nl + 1
-            buf = buf[start:]
-        if buf:
-            yield buf
+        async for received in resp.content.iter_any():
+            for line in reader.feed(received):
+                yield line
     except aiohttp.ClientError as exc:
         raise stream_broken(exc) from None
+    for line in reader.close():
+        yield line
 
 
 async def iter_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, bytes]]:
-    """Server-sent events as (event name, data) pairs; comments and keep-alives skipped.
-
-    Parses lines straight off the body rather than through `iter_lines`: one async
-    generator hop per event instead of one per line (two lines per event) plus one.
-    """
-    event = ""
-    data: list[bytes] = []
-    rest = b""
+    """Server-sent events of a streamed body as (event name, data) pairs, as they arrive."""
+    reader = SseReader()
     try:
         async for received in resp.content.iter_any():
-            buf = rest + received if rest else received
-            start = 0
-            while True:
-                nl = buf.find(b"\n", start)
-                if nl < 0:
-                    break
-                line = buf[start:nl]
-                start = nl + 1
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                if not line:
-                    if data:
-                        yield event, data[0] if len(data) == 1 else b"\n".join(data)
-                    event, data = "", []
-                elif line.startswith(b"data:"):
-                    data.append(line[6:] if line[5:6] == b" " else line[5:])
-                elif line.startswith(b"event:"):
-                    event = line[6:].strip().decode()
-                # ':' comments, id:, retry: are ignored
-            rest = buf[start:]
+            for event in reader.feed(received):
+                yield event
     except aiohttp.ClientError as exc:
         raise stream_broken(exc) from None
-    if rest.endswith(b"\r"):
-        rest = rest[:-1]
-    if rest.startswith(b"data:"):  # a last line without its newline
-        data.append(rest[6:] if rest[5:6] == b" " else rest[5:])
-    if data:
-        yield event, b"\n".join(data)
+    for event in reader.close():
+        yield event
 
 
 def loads_event(data: bytes) -> Any:

@@ -61,13 +61,21 @@ import base64
 import secrets
 import time
 import urllib.parse
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
 import orjson
 
-from switchboard.core.providers.base import ProviderClient, UpstreamError, iter_lines, loads_event
+from switchboard.core.providers.base import (
+    ProviderClient,
+    UpstreamError,
+    UpstreamRequest,
+    bad_request,
+    error_in_stream,
+    function_to_wire,
+    loads_event,
+)
 from switchboard.v1 import inference_pb2 as pb
 
 ROLE_TO_WIRE = {
@@ -78,11 +86,6 @@ FINISH_FROM_WIRE = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LE
 THINK_LEVELS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high"}
 # Top-level Ollama request fields a client may pass through `extra` (see the docstring).
 EXTRA_PASSTHROUGH = ("keep_alive", "think", "format")
-
-
-def bad_request(message: str, param: str) -> UpstreamError:
-    """A request Ollama cannot take: the client's fault, so no other channel is tried."""
-    return UpstreamError(message, retryable=False, status=400, param=param, kind="unsupported")
 
 
 # ---------------------------------------------------------------- request ----
@@ -167,12 +170,8 @@ def message_to_wire(m: pb.Message, i: int, tool_names: Mapping[str, str]) -> dic
 
 
 def tool_to_wire(t: pb.Tool) -> dict[str, Any]:
-    f = t.function
-    fn: dict[str, Any] = {"name": f.name}
-    if f.HasField("description"):
-        fn["description"] = f.description
-    fn["parameters"] = (orjson.loads(f.parameters_json) if f.parameters_json
-                        else {"type": "object", "properties": {}})
+    # Unlike OpenAI: always "function", always a parameters object, no `strict`.
+    fn = function_to_wire(t, default_schema={"type": "object", "properties": {}})
     return {"type": "function", "function": fn}
 
 
@@ -295,21 +294,13 @@ def finish_from_wire(done_reason: Any, had_tool_calls: bool) -> pb.FinishReason.
     return FINISH_FROM_WIRE.get(done_reason or "stop", pb.FINISH_REASON_STOP)
 
 
-def stream_error(obj: Any) -> UpstreamError | None:
-    if isinstance(obj, dict) and obj.get("error"):
-        err = obj["error"]
-        msg = err.get("message") if isinstance(err, dict) else err
-        return UpstreamError(f"upstream stream error: {msg}", retryable=True, kind="stream")
-    return None
-
-
 def new_id() -> str:
     return f"chatcmpl-{secrets.token_hex(12)}"
 
 
 def response_from_wire(d: Any) -> pb.CreateChatCompletionResponse:
     """An Ollama /api/chat reply (stream: false) → our reply (UpstreamError if malformed)."""
-    err = stream_error(d)
+    err = error_in_stream(d)
     if err is not None:
         raise err
     try:
@@ -361,8 +352,15 @@ class StreamTranslator:
             r.choices.add(index=0)
         return r
 
+    def frame(self, event: str, line: bytes) -> list[pb.StreamChatCompletionResponse]:
+        return self.feed(loads_event(line))
+
+    def end(self) -> list[pb.StreamChatCompletionResponse]:
+        raise UpstreamError("upstream stream ended before its final `done` line",
+                            retryable=True, kind="stream")
+
     def feed(self, obj: Any) -> list[pb.StreamChatCompletionResponse]:
-        err = stream_error(obj)
+        err = error_in_stream(obj)
         if err is not None:
             raise err
         if self.done:
@@ -408,6 +406,8 @@ class StreamTranslator:
 
 
 class OllamaClient(ProviderClient):
+    frames = "ndjson"
+
     def _url(self) -> str:
         return f"{self.channel.base_url.rstrip('/')}/api/chat"
 
@@ -417,30 +417,14 @@ class OllamaClient(ProviderClient):
             h["authorization"] = f"Bearer {self.channel.api_key}"
         return h
 
-    async def chat(self, params: pb.ChatCompletionParams,
-                   model: str) -> pb.CreateChatCompletionResponse:
-        body = params_to_wire(params, model, stream=False, channel_options=self.channel.options)
-        return response_from_wire(await self.post_json(self._url(), body, self._headers()))
+    def request(self, params: pb.ChatCompletionParams, model: str, *,
+                stream: bool) -> UpstreamRequest:
+        body = params_to_wire(params, model, stream=stream, channel_options=self.channel.options)
+        return UpstreamRequest(self._url(), self._headers(), body)
 
-    async def stream(self, params: pb.ChatCompletionParams,
-                     model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
-        body = params_to_wire(params, model, stream=True, channel_options=self.channel.options)
-        resp = await self.post(self._url(), body, self._headers())
-        tr = StreamTranslator(model)
-        try:
-            async for line in iter_lines(resp):
-                if not line.strip():
-                    continue
-                try:
-                    chunks = tr.feed(loads_event(line))
-                except UpstreamError as err:
-                    err.message = self.redact(err.message)
-                    raise
-                for chunk in chunks:
-                    yield chunk
-                if tr.done:
-                    return
-            raise UpstreamError("upstream stream ended before its final `done` line",
-                                retryable=True, kind="stream")
-        finally:
-            resp.close()
+    def reply(self, data: Any, params: pb.ChatCompletionParams,
+              model: str) -> pb.CreateChatCompletionResponse:
+        return response_from_wire(data)
+
+    def translator(self, params: pb.ChatCompletionParams, model: str) -> StreamTranslator:
+        return StreamTranslator(model)

@@ -13,13 +13,20 @@ Decisions:
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
 
 from switchboard.core.config import ChannelConfig
-from switchboard.core.providers.base import HttpPool, ProviderClient, UpstreamError, iter_sse, loads_event
+from switchboard.core.providers.base import (
+    HttpPool,
+    ProviderClient,
+    UpstreamError,
+    UpstreamRequest,
+    error_in_stream,
+    function_to_wire,
+    loads_event,
+)
 from switchboard.v1 import inference_pb2 as pb
 
 ROLE_TO_WIRE = {
@@ -130,14 +137,9 @@ def params_to_wire(p: pb.ChatCompletionParams, model: str, *, stream: bool,
 
 
 def tool_to_wire(t: pb.Tool) -> dict[str, Any]:
-    f = t.function
-    fn: dict[str, Any] = {"name": f.name}
-    if f.HasField("description"):
-        fn["description"] = f.description
-    if f.parameters_json:
-        fn["parameters"] = orjson.loads(f.parameters_json)
-    if f.HasField("strict"):
-        fn["strict"] = f.strict
+    fn = function_to_wire(t)  # no parameters: none sent (OpenAI's own default)
+    if t.function.HasField("strict"):
+        fn["strict"] = t.function.strict
     return {"type": t.type or "function", "function": fn}
 
 
@@ -288,6 +290,39 @@ def image_from_wire(d: Any) -> pb.CreateImageResponse:
                             retryable=True, kind="malformed") from None
 
 
+class StreamTranslator:
+    """OpenAI SSE `data:` frames -> our chunks: one chunk per frame until `[DONE]`.
+
+    A body that ends with neither `[DONE]` nor a finish reason was cut (`end` raises)."""
+
+    __slots__ = ("done", "finished")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.finished = False
+
+    def frame(self, event: str, data: bytes) -> tuple[pb.StreamChatCompletionResponse, ...]:
+        if data == b"[DONE]":
+            self.done = True
+            return ()
+        obj = loads_event(data)
+        err = error_in_stream(obj)
+        if err is not None:
+            raise err
+        chunk = chunk_from_wire(obj)
+        if not self.finished:
+            for c in chunk.choices:
+                if c.finish_reason:
+                    self.finished = True
+        return (chunk,)
+
+    def end(self) -> tuple[pb.StreamChatCompletionResponse, ...]:
+        if not self.finished:
+            raise UpstreamError("upstream stream ended before it finished", retryable=True,
+                                kind="stream")
+        return ()
+
+
 # ----------------------------------------------------------------- client ----
 
 
@@ -306,40 +341,18 @@ class OpenAIClient(ProviderClient):
     def _headers(self) -> dict[str, str]:
         return self._hdrs
 
-    async def chat(self, params: pb.ChatCompletionParams,
-                   model: str) -> pb.CreateChatCompletionResponse:
-        body = params_to_wire(params, model, stream=False)
-        data = await self.post_json(self._chat_url, body,
-                                    self._headers())
+    def request(self, params: pb.ChatCompletionParams, model: str, *,
+                stream: bool) -> UpstreamRequest:
+        body = params_to_wire(params, model, stream=stream,
+                              stream_usage=self.channel.options.get("stream_usage", True))
+        return UpstreamRequest(self._chat_url, self._headers(), body)
+
+    def reply(self, data: Any, params: pb.ChatCompletionParams,
+              model: str) -> pb.CreateChatCompletionResponse:
         return response_from_wire(data)
 
-    async def stream(self, params: pb.ChatCompletionParams,
-                     model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
-        body = params_to_wire(params, model, stream=True,
-                              stream_usage=self.channel.options.get("stream_usage", True))
-        resp = await self.post(self._chat_url, body, self._headers())
-        finished = False
-        try:
-            async for _event, data in iter_sse(resp):
-                if data == b"[DONE]":
-                    return
-                obj = loads_event(data)
-                if isinstance(obj, dict) and obj.get("error"):
-                    err = obj["error"]
-                    msg = err.get("message") if isinstance(err, dict) else str(err)
-                    raise UpstreamError(f"upstream stream error: {self.redact(str(msg))}",
-                                        retryable=True, kind="stream")
-                chunk = chunk_from_wire(obj)
-                if not finished:
-                    for c in chunk.choices:
-                        if c.finish_reason:
-                            finished = True
-                yield chunk
-            if not finished:
-                raise UpstreamError("upstream stream ended before it finished", retryable=True,
-                                    kind="stream")
-        finally:
-            resp.close()
+    def translator(self, params: pb.ChatCompletionParams, model: str) -> StreamTranslator:
+        return StreamTranslator()
 
     async def create_image(self, req: pb.CreateImageRequest, model: str) -> pb.CreateImageResponse:
         data = await self.post_json(f"{self.channel.base_url}/images/generations",
