@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import aiohttp
 import orjson
@@ -131,6 +131,7 @@ def error_message(body: bytes, fallback: str) -> tuple[str, str | None]:
 
 
 Frames = Literal["sse", "ndjson"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,30 +434,32 @@ class SseReader:
         return [(self._event, b"\n".join(data))] if data else []
 
 
-async def iter_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+class _Reader(Protocol[T]):
+    def feed(self, received: bytes) -> list[T]: ...
+    def close(self) -> list[T]: ...
+
+
+async def read_frames(resp: aiohttp.ClientResponse, reader: _Reader[T]) -> AsyncIterator[T]:
+    """What `reader` makes of a streamed body, frame by frame, as it arrives. (The
+    stream driver feeds its reader inline instead, to spare a generator per chunk.)"""
+    try:
+        async for received in resp.content.iter_any():
+            for frame in reader.feed(received):
+                yield frame
+    except aiohttp.ClientError as exc:
+        raise stream_broken(exc) from None
+    for frame in reader.close():
+        yield frame
+
+
+def iter_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     """Lines of a streamed body (without the newline), as they arrive."""
-    reader = LineReader()
-    try:
-        async for received in resp.content.iter_any():
-            for line in reader.feed(received):
-                yield line
-    except aiohttp.ClientError as exc:
-        raise stream_broken(exc) from None
-    for line in reader.close():
-        yield line
+    return read_frames(resp, LineReader())
 
 
-async def iter_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, bytes]]:
+def iter_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, bytes]]:
     """Server-sent events of a streamed body as (event name, data) pairs, as they arrive."""
-    reader = SseReader()
-    try:
-        async for received in resp.content.iter_any():
-            for event in reader.feed(received):
-                yield event
-    except aiohttp.ClientError as exc:
-        raise stream_broken(exc) from None
-    for event in reader.close():
-        yield event
+    return read_frames(resp, SseReader())
 
 
 def loads_event(data: bytes) -> Any:
