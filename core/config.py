@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 DEMO_KEY = "sk-switchboard-demo"
-KNOWN_PROVIDERS = ("openai", "anthropic", "gemini", "ollama", "echo")
+KNOWN_PROVIDERS = ("openai", "anthropic", "gemini", "ollama", "echo", "azure")
 
 
 class ConfigError(Exception):
@@ -266,7 +266,7 @@ def _channel(r: _Reader, raw: Any, path: str, default_timeouts: Timeouts) -> Cha
     if provider not in KNOWN_PROVIDERS:
         raise r.fail(f"{path}.provider",
                      f"unknown provider {provider!r} (expected one of: {', '.join(KNOWN_PROVIDERS)})")
-    base_url = r.str_(d, "base_url", path, _DEFAULT_BASE_URLS[provider]).rstrip("/")
+    base_url = r.str_(d, "base_url", path, _DEFAULT_BASE_URLS.get(provider)).rstrip("/")
     if provider != "echo" and not re.match(r"^https?://", base_url):
         raise r.fail(f"{path}.base_url", f"expected an http(s) URL, got {base_url!r}")
     models: dict[str, str] = {}

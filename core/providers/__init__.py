@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from switchboard.core.config import ChannelConfig
 from switchboard.core.providers.anthropic import AnthropicClient
+from switchboard.core.providers.azure import AzureOpenAIClient
 from switchboard.core.providers.base import HttpPool, ProviderClient
 from switchboard.core.providers.echo import EchoClient
 from switchboard.core.providers.gemini import GeminiClient
@@ -18,6 +19,7 @@ PROVIDERS: dict[str, type[ProviderClient]] = {
     "anthropic": AnthropicClient,
     "gemini": GeminiClient,
     "ollama": OllamaClient,
+    "azure": AzureOpenAIClient,
 }
 
 

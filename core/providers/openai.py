@@ -335,8 +335,17 @@ class OpenAIClient(ProviderClient):
         # clients); aiohttp copies headers into each request, so sharing them is safe.
         self._hdrs = {"content-type": "application/json"}
         if channel.api_key:
-            self._hdrs["authorization"] = f"Bearer {channel.api_key}"
+            self._hdrs.update(self.auth_headers(channel.api_key))
         self._chat_url = f"{channel.base_url}/chat/completions"
+
+    def auth_headers(self, api_key: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {api_key}"}
+
+    def chat_url(self, model: str) -> str:
+        return self._chat_url
+
+    def images_url(self, model: str) -> str:
+        return f"{self.channel.base_url}/images/generations"
 
     def _headers(self) -> dict[str, str]:
         return self._hdrs
@@ -345,7 +354,7 @@ class OpenAIClient(ProviderClient):
                 stream: bool) -> UpstreamRequest:
         body = params_to_wire(params, model, stream=stream,
                               stream_usage=self.channel.options.get("stream_usage", True))
-        return UpstreamRequest(self._chat_url, self._headers(), body)
+        return UpstreamRequest(self.chat_url(model), self._headers(), body)
 
     def reply(self, data: Any, params: pb.ChatCompletionParams,
               model: str) -> pb.CreateChatCompletionResponse:
@@ -355,6 +364,6 @@ class OpenAIClient(ProviderClient):
         return StreamTranslator()
 
     async def create_image(self, req: pb.CreateImageRequest, model: str) -> pb.CreateImageResponse:
-        data = await self.post_json(f"{self.channel.base_url}/images/generations",
-                                    image_to_wire(req, model), self._headers())
+        data = await self.post_json(self.images_url(model), image_to_wire(req, model),
+                                    self._headers())
         return image_from_wire(data)
