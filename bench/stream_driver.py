@@ -7,7 +7,10 @@ chunks out — the part of the streaming hot path that core/providers/ owns.
 A fake upstream runs in a child process (its CPU is not counted) and answers each
 provider's streaming endpoint with prebuilt frames in that provider's real wire format:
 `paced` writes one frame per 1 ms (each read carries one frame, as with a real model),
-`burst` writes the whole stream at once (parsing and translation dominate). This process
+`burst` writes the whole stream at once (parsing and translation dominate). `inproc`
+has no socket at all: the client's `post` is replaced by a response object that hands
+the driver one frame per read from memory, so the figure is the driver, frame reader
+and translator alone, without the event loop and aiohttp noise of a shared machine. This process
 drives the provider clients themselves (`ProviderClient.stream`) on uvloop, CONCURRENCY
 streams at a time, and reports process CPU time (user+system) divided by the chunks
 received. Compare runs made on the same machine at about the same time: the figure
@@ -22,7 +25,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import orjson
 import uvloop
@@ -131,6 +135,21 @@ def serve() -> None:
     uvloop.run(main())
 
 
+class _MemoryBody:
+    """Stands in for aiohttp's response in `inproc` mode: one frame per read."""
+
+    def __init__(self, frames: list[bytes]) -> None:
+        self.content = self
+        self._frames = frames
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        for f in self._frames:
+            yield f
+
+    def close(self) -> None:
+        pass
+
+
 async def measure(provider: str, port: int, mode: str, rounds: int) -> list[float]:
     """µs of CPU per chunk, one figure per round."""
     suffix = UPSTREAMS[provider][0]
@@ -138,6 +157,12 @@ async def measure(provider: str, port: int, mode: str, rounds: int) -> list[floa
     client = PROVIDERS[provider](ChannelConfig(
         name="b", provider=provider, base_url=f"http://127.0.0.1:{port}{suffix}", api_key="sk-b",
         headers={"x-bench-mode": mode}), http)
+    if mode == "inproc":
+        frames = UPSTREAMS[provider][2]()
+
+        async def from_memory(*_: Any) -> Any:
+            return _MemoryBody(frames)
+        client.post = from_memory  # type: ignore[method-assign]
     params = pb.ChatCompletionParams(model="m", messages=[pb.Message(role=pb.ROLE_USER, text="hi")])
 
     async def one() -> int:
@@ -159,7 +184,7 @@ async def measure(provider: str, port: int, mode: str, rounds: int) -> list[floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=",".join(UPSTREAMS), help="providers, comma-separated")
-    ap.add_argument("--modes", default="paced,burst")
+    ap.add_argument("--modes", default="paced,burst,inproc")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
