@@ -67,12 +67,10 @@ def bad_request(message: str, param: str | None = None) -> UpstreamError:
     return UpstreamError(message, retryable=False, status=400, param=param, kind="unsupported")
 
 
-def error_in_stream(obj: Any) -> UpstreamError | None:
-    """The `{"error": "…"}` / `{"error": {"message": …}}` object OpenAI-style and Ollama
-    streams send in place of a chunk, as a retryable stream failure; None otherwise."""
-    err = obj.get("error") if isinstance(obj, dict) else None
-    if not err:
-        return None
+def stream_error(err: Any) -> UpstreamError:
+    """The value of the `"error"` key OpenAI-style and Ollama streams send in place of a
+    chunk (`"…"` or `{"message": …}`), as a retryable stream failure. Callers test
+    `isinstance(obj, dict) and (err := obj.get("error"))` inline: it runs per chunk."""
     msg = err.get("message") if isinstance(err, dict) else err
     return UpstreamError(f"upstream stream error: {msg}", retryable=True, kind="stream")
 
@@ -355,7 +353,8 @@ class LineReader:
     def __init__(self) -> None:
         self._rest = b""
 
-    def feed(self, received: bytes) -> list[bytes]:
+    def _split(self, received: bytes) -> list[bytes]:
+        """The complete lines, as they are (newline excluded, "\r" kept)."""
         buf = self._rest + received if self._rest else received
         out: list[bytes] = []
         start = 0
@@ -363,28 +362,39 @@ class LineReader:
             nl = buf.find(b"\n", start)
             if nl < 0:
                 break
-            out.append(buf[start:nl].rstrip(b"\r"))
+            out.append(buf[start:nl])
             start = nl + 1
         self._rest = buf[start:]
         return out
+
+    def feed(self, received: bytes) -> list[bytes]:
+        return [line.rstrip(b"\r") for line in self._split(received)]
 
     def close(self) -> list[bytes]:
         return [self._rest] if self._rest else []
 
 
-class NdjsonReader:
-    """NDJSON frames ("", line) of a body fed in pieces; blank lines are not frames."""
+class NdjsonReader(LineReader):
+    """NDJSON frames ("", line) of a body fed in pieces; blank lines are not frames (a
+    line's trailing "\r" is left on: it is JSON whitespace). The split is inline, not
+    `_split` plus a filter: with one line per read, that is per-chunk work."""
 
-    __slots__ = ("_lines",)
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        self._lines = LineReader()
+    def feed(self, received: bytes) -> list[tuple[str, bytes]]:  # type: ignore[override]
+        buf = self._rest + received if self._rest else received
+        out: list[tuple[str, bytes]] = []
+        start = 0
+        while (nl := buf.find(b"\n", start)) >= 0:
+            line = buf[start:nl]
+            start = nl + 1
+            if line and not line.isspace():
+                out.append(("", line))
+        self._rest = buf[start:]
+        return out
 
-    def feed(self, received: bytes) -> list[tuple[str, bytes]]:
-        return [("", line) for line in self._lines.feed(received) if line and not line.isspace()]
-
-    def close(self) -> list[tuple[str, bytes]]:
-        return [("", line) for line in self._lines.close() if not line.isspace()]
+    def close(self) -> list[tuple[str, bytes]]:  # type: ignore[override]
+        return [("", line) for line in super().close() if not line.isspace()]
 
 
 class SseReader:

@@ -72,9 +72,9 @@ from switchboard.core.providers.base import (
     UpstreamError,
     UpstreamRequest,
     bad_request,
-    error_in_stream,
     function_to_wire,
     loads_event,
+    stream_error,
 )
 from switchboard.v1 import inference_pb2 as pb
 
@@ -300,9 +300,8 @@ def new_id() -> str:
 
 def response_from_wire(d: Any) -> pb.CreateChatCompletionResponse:
     """An Ollama /api/chat reply (stream: false) → our reply (UpstreamError if malformed)."""
-    err = error_in_stream(d)
-    if err is not None:
-        raise err
+    if isinstance(d, dict) and (err := d.get("error")):
+        raise stream_error(err)
     try:
         msg = d.get("message") or {}
         r = pb.CreateChatCompletionResponse(id=new_id(), created=created_from_wire(d.get("created_at")),
@@ -360,9 +359,8 @@ class StreamTranslator:
                             retryable=True, kind="stream")
 
     def feed(self, obj: Any) -> list[pb.StreamChatCompletionResponse]:
-        err = error_in_stream(obj)
-        if err is not None:
-            raise err
+        if isinstance(obj, dict) and (err := obj.get("error")):
+            raise stream_error(err)
         if self.done:
             return []  # nothing follows the final line
         try:

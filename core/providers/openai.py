@@ -23,9 +23,9 @@ from switchboard.core.providers.base import (
     ProviderClient,
     UpstreamError,
     UpstreamRequest,
-    error_in_stream,
     function_to_wire,
     loads_event,
+    stream_error,
 )
 from switchboard.v1 import inference_pb2 as pb
 
@@ -306,9 +306,8 @@ class StreamTranslator:
             self.done = True
             return ()
         obj = loads_event(data)
-        err = error_in_stream(obj)
-        if err is not None:
-            raise err
+        if isinstance(obj, dict) and (err := obj.get("error")):
+            raise stream_error(err)
         chunk = chunk_from_wire(obj)
         if not self.finished:
             for c in chunk.choices:
