@@ -1,19 +1,22 @@
 # Switchboard container image: multi-stage, slim, non-root.
 #
 #   docker build -t switchboard .
+#   docker run -p 8080:8080 -p 50051:50051 switchboard          # the echo demo
 #   docker run -p 8080:8080 -p 50051:50051 -e OPENAI_API_KEY -e APP_KEY \
 #     -v $PWD/config.yaml:/etc/switchboard/config.yaml:ro switchboard
 #
-# The config is read from $SWITCHBOARD_CONFIG (the file baked in below is an example
-# that listens on all interfaces; mount your own over it). `docker kill -s HUP` reloads
-# it. See docs/operations.md.
+# The config is read from $SWITCHBOARD_CONFIG, by default /etc/switchboard/config.yaml:
+# the echo demo on all interfaces (deploy/demo.yaml). Mount your own over it, or set
+# SWITCHBOARD_CONFIG=/etc/switchboard/example.yaml (deploy/config.yaml: every secret and
+# address from the environment). `docker kill -s HUP` reloads it. scripts/container_check.sh
+# builds and runs this image for real. See docs/operations.md.
 
 ARG PYTHON=python:3.11-slim
 
 # ---- build: a virtualenv with Switchboard and its dependencies ----------------------
 FROM ${PYTHON} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/switchboard
+RUN python3 -m venv /opt/switchboard
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY core ./core
@@ -28,7 +31,8 @@ RUN groupadd --system --gid 10001 switchboard \
  && mkdir -p /var/lib/switchboard /etc/switchboard \
  && chown switchboard:switchboard /var/lib/switchboard
 COPY --from=build /opt/switchboard /opt/switchboard
-COPY deploy/config.yaml /etc/switchboard/config.yaml
+COPY deploy/demo.yaml /etc/switchboard/config.yaml
+COPY deploy/config.yaml /etc/switchboard/example.yaml
 ENV PATH=/opt/switchboard/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

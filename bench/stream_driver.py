@@ -142,9 +142,12 @@ class _MemoryBody:
         self.content = self
         self._frames = frames
 
-    async def iter_any(self) -> AsyncIterator[bytes]:
+    async def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
         for f in self._frames:
             yield f
+
+    def iter_any(self) -> AsyncIterator[bytes]:  # what the driver read with before
+        return self.iter_chunked(0)
 
     def close(self) -> None:
         pass

@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeGuard, get_args
 import grpc
 from google.protobuf import timestamp_pb2
 
-from switchboard.core.config import ConfigError
+from switchboard.core.config import ConfigError, KeyConfig
 from switchboard.core.errors import GatewayError, invalid
 from switchboard.core.gateway import Gateway
 from switchboard.core.keys import bearer_token, hash_key
@@ -83,6 +83,24 @@ _Limit = Literal["rpm", "tpm", "max_concurrent", "budget"]
 def _is_limit(name: str) -> TypeGuard[_Limit]:
     """Narrows a field name to a limit, which is what ApiKey.HasField accepts."""
     return name in get_args(_Limit)
+
+
+STATIC_PREFIX = "static:"
+
+
+def static_key_message(k: KeyConfig) -> apb.ApiKey:
+    """A config key as the API shows it: id `static:<name>`, marked `static`, never the secret."""
+    m = apb.ApiKey(
+        id=STATIC_PREFIX + k.name, name=k.name, prefix=k.key[:6],  # as KeyRing shows it
+        models=[] if k.models == ("*",) else list(k.models),
+        budget_unit={v: n for n, v in _UNITS.items()}[k.budget_unit],
+        budget_period={v: n for n, v in _PERIODS.items()}[k.budget_period],
+        allowed_cidrs=list(k.allowed_cidrs), enabled=True, static=True)
+    for name in ("rpm", "tpm", "max_concurrent", "budget"):
+        value = getattr(k, name)
+        if value is not None:
+            setattr(m, name, value)
+    return m
 
 
 def _fields(m: apb.ApiKey, names: list[str]) -> dict[str, Any]:
@@ -168,6 +186,21 @@ class AdminAPI:
                                "This gateway runs without a key store.", code="no_store")
         return store
 
+    def _static(self, key_id: str) -> KeyConfig | None:
+        if not key_id.startswith(STATIC_PREFIX):
+            return None
+        for k in self.gateway.config.keys:
+            if STATIC_PREFIX + k.name == key_id:
+                return k
+        raise GatewayError(grpc.StatusCode.NOT_FOUND, f"No static API key with id {key_id!r}.",
+                           code="key_not_found", param="id")
+
+    def _refuse_static(self, key_id: str, action: str) -> None:
+        if self._static(key_id) is not None:
+            raise GatewayError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"The API key {key_id!r} is a static key from the config file: "
+                               f"{action} it there and reload.", code="static_key", param="id")
+
     async def _existing(self, key_id: str) -> StoredKey:
         if not key_id:
             raise invalid("a key id is required", "id")
@@ -194,14 +227,20 @@ class AdminAPI:
     async def list_keys(self, req: apb.ListKeysRequest, token: str) -> apb.ListKeysResponse:
         self.authorize(token)
         keys = await self._store().list_keys(owner=req.owner, include_revoked=req.include_revoked)
-        return apb.ListKeysResponse(keys=[key_message(k) for k in keys])
+        static = ([static_key_message(k) for k in self.gateway.config.keys]
+                  if req.include_static and not req.owner else [])
+        return apb.ListKeysResponse(keys=[*static, *(key_message(k) for k in keys)])
 
     async def get_key(self, req: apb.GetKeyRequest, token: str) -> apb.GetKeyResponse:
         self.authorize(token)
+        static = self._static(req.id)
+        if static is not None:
+            return apb.GetKeyResponse(key=static_key_message(static))
         return apb.GetKeyResponse(key=key_message(await self._existing(req.id)))
 
     async def update_key(self, req: apb.UpdateKeyRequest, token: str) -> apb.UpdateKeyResponse:
         self.authorize(token)
+        self._refuse_static(req.key.id, "change")
         current = await self._existing(req.key.id)
         paths = list(req.update_mask.paths)
         if not paths:
@@ -219,7 +258,13 @@ class AdminAPI:
 
     async def revoke_key(self, req: apb.RevokeKeyRequest, token: str) -> apb.RevokeKeyResponse:
         self.authorize(token)
+        self._refuse_static(req.id, "remove")
         current = await self._existing(req.id)
+        if current.revoked_at is not None:  # say so: a second revoke is not a silent success
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(current.revoked_at))
+            raise GatewayError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"The API key {current.id!r} ({current.name}) was already revoked "
+                               f"at {when}.", code="key_revoked", param="id")
         revoked = await self._store().revoke_key(current.id)
         assert revoked is not None
         self.gateway.keys.forget(current.key_hash)

@@ -53,7 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from switchboard.core.config import CircuitSettings
+from switchboard.core.config import CircuitSettings, LimitSettings
 
 log = logging.getLogger("switchboard.circuit")
 
@@ -298,14 +298,18 @@ class RedisCircuitBreaker:
 
     def __init__(self, url_or_client: str | Any, settings: CircuitSettings, *,
                  prefix: str = "switchboard:circuit:", clock: Callable[[], float] = time.time,
-                 trial_ttl_s: float = DEFAULT_TRIAL_TTL_S) -> None:
-        import redis.asyncio as aioredis
-
+                 trial_ttl_s: float = DEFAULT_TRIAL_TTL_S,
+                 pool: LimitSettings | None = None) -> None:
         if isinstance(url_or_client, str):
-            # Short socket timeouts: a blackholed Redis must not stall requests.
-            self.redis = aioredis.from_url(url_or_client, decode_responses=True,
-                                           socket_connect_timeout=REDIS_TIMEOUT_S,
-                                           socket_timeout=REDIS_TIMEOUT_S)
+            from switchboard.core.redis_pool import redis_client
+
+            # Short socket timeouts: a blackholed Redis must not stall requests. A bounded
+            # pool that gives idle connections back (core/redis_pool.py), sized by `limits:`.
+            p = pool or LimitSettings()
+            self.redis = redis_client(url_or_client, decode_responses=True,
+                                      timeout_s=REDIS_TIMEOUT_S,
+                                      max_connections=p.redis_max_connections,
+                                      idle_s=p.redis_idle_s)
             self._owns = True
         else:
             self.redis = url_or_client
@@ -415,8 +419,10 @@ class RedisCircuitBreaker:
             await self.redis.aclose()
 
 
-def make_breaker(limits: str, settings: CircuitSettings) -> Breaker:
-    """The breaker a config asks for: shared through Redis when `limits` is a Redis URL."""
+def make_breaker(limits: str, settings: CircuitSettings,
+                 pool: LimitSettings | None = None) -> Breaker:
+    """The breaker a config asks for: shared through Redis when `limits` is a Redis URL
+    (its connection pool sized by `pool`, the config's `limits:` settings)."""
     if limits.startswith(("redis://", "rediss://")):
-        return RedisCircuitBreaker(limits, settings)
+        return RedisCircuitBreaker(limits, settings, pool=pool)
     return CircuitBreaker.from_settings(settings)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
 import signal
@@ -38,16 +39,20 @@ from switchboard.core.cli_admin import run_admin
 from switchboard.core.config import DEMO_KEY, Config, ConfigError, demo_config, load_config
 from switchboard.core.logs import setup_logging
 from switchboard.core.runtime import Runtime
+from switchboard.core.server import ListenError
 
 log = logging.getLogger("switchboard")
 
 
-async def _stop_signal() -> None:
+def _stop_signal() -> asyncio.Event:
+    """An event set by SIGTERM/SIGINT. Installed before the ready line is printed: a
+    signal sent as soon as "ready" is read must not meet the default action (which kills
+    the process without draining, and orphans a supervisor's workers)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 async def run(mode: str, config: Config, *, http: str | None, grpc_addr: str | None,
@@ -56,6 +61,7 @@ async def run(mode: str, config: Config, *, http: str | None, grpc_addr: str | N
                       reuse_port=reuse_port)
     await runtime.start()
     _reload_on_sighup(runtime)
+    stop = _stop_signal()
     print(runtime.ready_line(), flush=True)
     if config.source == "<demo>":
         print(f"switchboard: DEMO mode (echo provider, no upstream). Try:\n"
@@ -63,7 +69,7 @@ async def run(mode: str, config: Config, *, http: str | None, grpc_addr: str | N
               f"{DEMO_KEY}' -H 'content-type: application/json' "
               "-d '{\"model\":\"echo\",\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}'",
               flush=True)
-    await _stop_signal()
+    await stop.wait()
     await runtime.stop()
 
 
@@ -86,13 +92,15 @@ async def supervise(argv: list[str], workers: int) -> int:
             for p in procs:
                 if p.returncode is None:
                     p.terminate()
-            await asyncio.gather(*(p.wait() for p in procs))
-            return 1
+            codes = await asyncio.gather(*(p.wait() for p in procs))
+            return 2 if 2 in codes else 1  # 2: a worker could not listen (its line says why)
         ready = line.rstrip("\n")
-    print(f"{ready} workers={workers}", flush=True)
     # SIGHUP (config reload) goes to every worker; the supervisor itself holds no config.
+    # Handlers first, then the ready line (see _stop_signal).
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _forward_hup, procs)
-    stop = asyncio.ensure_future(_stop_signal())
+    stopped = _stop_signal()
+    print(f"{ready} workers={workers}", flush=True)
+    stop = asyncio.ensure_future(stopped.wait())
     exits = [asyncio.ensure_future(p.wait()) for p in procs]
     await asyncio.wait([stop, *exits], return_when=asyncio.FIRST_COMPLETED)
     for p in procs:  # on a signal, or when one worker died: stop them all
@@ -142,6 +150,8 @@ def _event_loop_runner() -> asyncio.Runner:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="switchboard", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version",
+                        version=f"switchboard {importlib.metadata.version('switchboard')}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("check-config", help="validate a config file and exit").add_argument(
         "file", help="YAML config file")
@@ -185,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             runner.run(run(args.cmd, config, http=args.http, grpc_addr=args.grpc,
                            core_target=getattr(args, "core", None), reuse_port=args.worker))
+        except ListenError as exc:  # port taken, bad address: one line, no traceback
+            print(f"switchboard: {exc}", file=sys.stderr)
+            return 2
         except OSError as exc:
             print(f"switchboard: cannot start: {exc}", file=sys.stderr)
             return 1

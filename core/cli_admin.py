@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import re
 import sys
@@ -27,6 +28,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from switchboard.v1 import admin_pb2 as apb
@@ -59,6 +61,8 @@ def register(sub: Any) -> None:
     ls = ks.add_parser("list", parents=[common], help="list keys")
     ls.add_argument("--owner", default="")
     ls.add_argument("--all", action="store_true", help="include revoked keys")
+    ls.add_argument("--no-static", action="store_true",
+                    help="leave out the config's static keys (listed first, state `static`)")
     g = ks.add_parser("get", parents=[common], help="show one key")
     g.add_argument("id", help="key id, or the key's name when only one key has it")
     r = ks.add_parser("revoke", parents=[common], help="revoke a key for good")
@@ -106,17 +110,54 @@ def _key_line(k: apb.ApiKey) -> str:
         unit = apb.BudgetUnit.Name(k.budget_unit).removeprefix("BUDGET_UNIT_").lower()
         period = apb.BudgetPeriod.Name(k.budget_period).removeprefix("BUDGET_PERIOD_").lower()
         limits.append(f"budget={k.budget:g} {unit}/{period}")
-    state = "enabled" if k.enabled else ("revoked" if k.HasField("revoke_time") else "disabled")
+    state = ("static" if k.static else "enabled" if k.enabled
+             else "revoked" if k.HasField("revoke_time") else "disabled")
     return (f"{k.id}  {k.prefix}…  {k.name:<20} {state:<8} models={','.join(k.models) or '*'} "
             + " ".join(limits))
 
 
+def money(usd: float) -> str:
+    """Dollars for a table: 4 decimals, but a small cost keeps 3 significant digits
+    (0.0000123, not 0.0000)."""
+    if usd == 0 or abs(usd) >= 0.01:
+        return f"{usd:.4f}"
+    return f"{usd:.{2 - math.floor(math.log10(abs(usd)))}f}"
+
+
+_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+
+
+def _numbers(node: Any, desc: Any) -> Any:  # a (python or upb) message Descriptor
+    """Proto3's JSON mapping writes 64-bit integers as strings ("requests": "12"); a CLI's
+    --json output is for jq and scripts, so counts become JSON numbers again."""
+    if not isinstance(node, dict):
+        return node
+    for name, value in node.items():
+        field = desc.fields_by_name.get(name)
+        if field is None:
+            continue
+        if field.type in _INT64:
+            node[name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
+            inner = field.message_type.fields_by_name["value"]
+            for k, v in value.items():
+                value[k] = (int(v) if inner.type in _INT64 else
+                            _numbers(v, inner.message_type) if inner.message_type else v)
+        elif field.message_type is not None:
+            for item in value if isinstance(value, list) else [value]:
+                _numbers(item, field.message_type)
+    return node
+
+
+def to_json(msg: Message) -> str:
+    data = json_format.MessageToDict(msg, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+    return json.dumps(_numbers(data, msg.DESCRIPTOR), indent=2)
+
+
 def _print(msg: Message, as_json: bool, text: str) -> None:
-    if as_json:
-        print(json.dumps(json_format.MessageToDict(
-            msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True), indent=2))
-    else:
-        print(text)
+    print(to_json(msg) if as_json else text)
 
 
 def run_admin(a: argparse.Namespace) -> int:
@@ -136,15 +177,18 @@ def run_admin(a: argparse.Namespace) -> int:
 
 def _resolve_key(stub: apb_grpc.AdminServiceStub, md: Any, ident: str) -> str:
     """Operators think in names: accept a key's name when exactly one live key has it."""
-    if ident.startswith("key_"):
+    if ident.startswith(("key_", "static:")):
         return ident
-    keys = stub.ListKeys(apb.ListKeysRequest(), metadata=md, timeout=30).keys
-    matches = [k.id for k in keys if k.name == ident]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        raise SystemExit(f"switchboard: {len(matches)} keys are named {ident!r}; give the id "
-                         f"({', '.join(matches)})")
+    for include_revoked in (False, True):  # a live key first; else a revoked one (the
+        # server then says it is already revoked instead of "not found")
+        keys = stub.ListKeys(apb.ListKeysRequest(include_revoked=include_revoked, include_static=True),
+                             metadata=md, timeout=30).keys
+        matches = [k.id for k in keys if k.name == ident]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise SystemExit(f"switchboard: {len(matches)} keys are named {ident!r}; give the id "
+                             f"({', '.join(matches)})")
     return ident  # let the server say it does not exist
 
 
@@ -162,7 +206,7 @@ def _dispatch(a: argparse.Namespace, stub: apb_grpc.AdminServiceStub, md: Any) -
                  f"{'prompt':>10} {'completion':>10} {'cost $':>10}"]
         lines += [f"{(r.key_name or r.key_id or '-'):<22} {(r.model or '-'):<24} "
                   f"{(r.served_model or '-'):<24} {r.requests:>8} {r.errors:>6} "
-                  f"{r.prompt_tokens:>10} {r.completion_tokens:>10} {r.cost:>10.4f}"
+                  f"{r.prompt_tokens:>10} {r.completion_tokens:>10} {money(r.cost):>10}"
                   for r in u.rows]
         _print(u, a.json, "\n".join(lines))
         return 0
@@ -172,8 +216,8 @@ def _dispatch(a: argparse.Namespace, stub: apb_grpc.AdminServiceStub, md: Any) -
                           "Store it now: it is not shown again.")
         return 0
     if a.keys_cmd == "list":
-        ks = stub.ListKeys(apb.ListKeysRequest(owner=a.owner, include_revoked=a.all),
-                           metadata=md, timeout=30)
+        ks = stub.ListKeys(apb.ListKeysRequest(owner=a.owner, include_revoked=a.all,
+                                               include_static=not a.no_static), metadata=md, timeout=30)
         _print(ks, a.json, "\n".join(_key_line(k) for k in ks.keys) or "(no keys)")
         return 0
     key_id = _resolve_key(stub, md, a.id)

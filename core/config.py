@@ -81,6 +81,12 @@ class LimitSettings:
     default_max_tokens: int = 1024
     lease_s: float = 900.0
     redis_timeout_s: float = 0.5
+    # Each Redis client (the limiter's, the circuit breaker's) keeps at most this many
+    # connections; a request waits for a free one rather than opening more
+    # (core/redis_pool.py). Connections idle this long are closed, so the descriptors a
+    # burst opened are given back.
+    redis_max_connections: int = 32
+    redis_idle_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,21 @@ class RouterSettings:
 
 
 @dataclass(frozen=True)
+class ServerSettings:
+    """What one client may cost a listener (facade/guard.py, core/server.py). A request's
+    line and headers must arrive within `header_timeout_s` of the connection opening or
+    of its first byte, its body within `body_timeout_s` after that; otherwise the client
+    gets 408 and the connection is closed. A keep-alive connection with no request is
+    closed after `idle_timeout_s`. Beyond `max_connections` open connections a listener
+    answers new ones with 503 and closes them at once. 0 disables a setting."""
+
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    idle_timeout_s: float = 75.0
+    max_connections: int = 10000
+
+
+@dataclass(frozen=True)
 class ObservabilityConfig:
     """Logs, metrics and traces (docs/operations.md). Tracing is off unless
     `otel_endpoint` is set (needs the `otel` extra)."""
@@ -151,6 +172,7 @@ class Config:
     max_body_bytes: int = 20 * 1024 * 1024
     shutdown_grace_s: float = 30.0
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    server: ServerSettings = field(default_factory=ServerSettings)
     limit_settings: LimitSettings = field(default_factory=LimitSettings)
     # model name or glob -> price; the first matching entry in file order wins.
     prices: tuple[tuple[str, Price], ...] = ()
@@ -341,7 +363,7 @@ def _limits(r: _Reader, raw: Any) -> tuple[str, LimitSettings]:
     else:
         d = r.mapping(raw, "limits")
         r.unknown(d, {"backend", "on_error", "key_prefix", "default_max_tokens", "lease_s",
-                      "redis_timeout_s"}, "limits")
+                      "redis_timeout_s", "redis_max_connections", "redis_idle_s"}, "limits")
         backend = r.str_(d, "backend", "limits", Config.limits)
     if backend != "memory" and not re.match(r"^rediss?://", backend):
         raise r.fail("limits", f"expected memory or a redis:// URL, got {backend!r}")
@@ -357,6 +379,22 @@ def _limits(r: _Reader, raw: Any) -> tuple[str, LimitSettings]:
         lease_s=r.num(d, "lease_s", "limits", base.lease_s, minimum=1) or base.lease_s,
         redis_timeout_s=r.num(d, "redis_timeout_s", "limits", base.redis_timeout_s)
         or base.redis_timeout_s,
+        redis_max_connections=int(r.int_(d, "redis_max_connections", "limits",
+                                         base.redis_max_connections) or 1),
+        redis_idle_s=r.num(d, "redis_idle_s", "limits", base.redis_idle_s) or 0.0,
+    )
+
+
+def _server(r: _Reader, raw: Any) -> ServerSettings:
+    d = r.mapping(raw, "server")
+    r.unknown(d, {"header_timeout_s", "body_timeout_s", "idle_timeout_s", "max_connections"},
+              "server")
+    base = ServerSettings()
+    return ServerSettings(
+        header_timeout_s=r.num(d, "header_timeout_s", "server", base.header_timeout_s) or 0.0,
+        body_timeout_s=r.num(d, "body_timeout_s", "server", base.body_timeout_s) or 0.0,
+        idle_timeout_s=r.num(d, "idle_timeout_s", "server", base.idle_timeout_s) or 0.0,
+        max_connections=int(r.int_(d, "max_connections", "server", base.max_connections) or 0),
     )
 
 
@@ -434,7 +472,7 @@ def parse_config(data: Any, source: str) -> Config:
     d = r.mapping(data, "")
     r.unknown(d, {"listen", "store", "limits", "admin_key", "keys", "channels", "routes",
                   "timeouts", "router", "max_body_bytes", "shutdown_grace_s", "observability",
-                  "prices", "key_cache_s"}, "")
+                  "prices", "key_cache_s", "server"}, "")
     listen = r.mapping(d.get("listen"), "listen")
     r.unknown(listen, {"http", "grpc"}, "listen")
     default_timeouts = _timeouts(r, d.get("timeouts"), "timeouts", Timeouts())
@@ -487,6 +525,7 @@ def parse_config(data: Any, source: str) -> Config:
         max_body_bytes=int(r.int_(d, "max_body_bytes", "", Config.max_body_bytes) or 0),
         shutdown_grace_s=r.num(d, "shutdown_grace_s", "", Config.shutdown_grace_s) or 0.0,
         observability=_observability(r, d.get("observability")),
+        server=_server(r, d.get("server")),
         source=source,
     )
 

@@ -1,4 +1,4 @@
-"""The one error table (DESIGN.md "Errors"): every failure the gateway reports is a
+"""The one error table (docs/design.md, "Errors"): every failure the gateway reports is a
 `GatewayError`, which maps 1:1 to a gRPC status, an HTTP status and an OpenAI error
 object. Both surfaces use this module; nothing else decides a status.
 

@@ -26,6 +26,8 @@ from urllib.parse import unquote, urlsplit
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from switchboard.core.store.sqlite import sqlite_path
+
 Check = Callable[[], Awaitable[None]]
 
 
@@ -104,6 +106,8 @@ async def check_store(url: str) -> None:
     if url.startswith(("postgres://", "postgresql://")):
         await _check_postgres(url)
     elif url.startswith("sqlite:"):
+        if sqlite_path(url) == ":memory:":
+            return  # nothing on disk: a read-only root filesystem (container) is fine
         path = Path(url.removeprefix("sqlite:").removeprefix("///").removeprefix("//") or ".")
         directory = path.parent if path.name else path
         writable = await asyncio.to_thread(os.access, directory, os.W_OK)

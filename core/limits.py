@@ -420,12 +420,14 @@ return 0
 class RedisBackend:
     """Shared by every replica pointing at the same Redis and `limits.key_prefix`."""
 
-    def __init__(self, url: str, prefix: str, timeout_s: float) -> None:
-        import redis.asyncio as aioredis
+    def __init__(self, url: str, prefix: str, timeout_s: float, *,
+                 max_connections: int = LimitSettings.redis_max_connections,
+                 idle_s: float = LimitSettings.redis_idle_s) -> None:
+        from switchboard.core.redis_pool import redis_client
 
-        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s,
-                                              socket_connect_timeout=timeout_s,
-                                              health_check_interval=30)
+        # A bounded pool that gives idle connections back (core/redis_pool.py).
+        self.client = redis_client(url, timeout_s=timeout_s, max_connections=max_connections,
+                                   idle_s=idle_s, health_check_interval=30)
         self.prefix = prefix
         self._reserve = self.client.register_script(_RESERVE_LUA)
         self._settle = self.client.register_script(_SETTLE_LUA)
@@ -694,4 +696,6 @@ def _duration(ms: int) -> str:
 def open_backend(url: str, settings: LimitSettings) -> Backend:
     if url == "memory":
         return MemoryBackend()
-    return RedisBackend(url, settings.key_prefix, settings.redis_timeout_s)
+    return RedisBackend(url, settings.key_prefix, settings.redis_timeout_s,
+                        max_connections=settings.redis_max_connections,
+                        idle_s=settings.redis_idle_s)

@@ -40,8 +40,12 @@ _SHAPES = [
     (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{4,}"), rf"\1{REDACTED}"),
     (re.compile(r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_-]{8,}"), REDACTED),
     (re.compile(r"\bAIza[0-9A-Za-z_-]{20,}"), REDACTED),  # Google API keys
+    # `name: value` pairs. An auth scheme word (`Authorization: Bearer <token>`) stays and
+    # only the credential after it goes; the scheme itself and a `<placeholder>` (our own
+    # hints say "Send it as `Authorization: Bearer <key>`") are not secrets.
     (re.compile(r"(?i)((?:api[_-]?key|x-api-key|x-goog-api-key|admin[_-]?key|authorization)"
-                r"[\"']?\s*[:=]\s*[\"']?)(?!\[REDACTED\])[^\s\"',;&}]{4,}"), rf"\1{REDACTED}"),
+                r"[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token)\s+)?)"
+                r"(?!\[REDACTED\]|<|(?:bearer|basic|token)\b)[^\s\"',;&}]{4,}"), rf"\1{REDACTED}"),
     (re.compile(r"(?i)([?&]key=)[^\s&\"']+"), rf"\1{REDACTED}"),
 ]
 # Secrets shorter than this are not matched literally: masking "abc" everywhere would

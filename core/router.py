@@ -204,6 +204,16 @@ class Drain:
             raise self.fresh_error() from None
 
 
+def attempts_summary(attempts: list[tuple[str, str]]) -> str:
+    """Each channel once, in the order first tried, with its last error (and how many
+    attempts it had): three identical connect errors in a row tell the caller nothing."""
+    last: dict[str, tuple[str, int]] = {}
+    for channel, why in attempts:
+        last[channel] = (why, last[channel][1] + 1 if channel in last else 1)
+    return "; ".join(f"{ch}: {why}" + (f" ({n} attempts)" if n > 1 else "")
+                     for ch, (why, n) in last.items())
+
+
 class Router:
     # Observability hook (core/observe.py): wraps each upstream attempt for spans and
     # upstream-error metrics. None = call directly.
@@ -215,7 +225,8 @@ class Router:
                  drain: Drain | None = None, panics: set[str] | None = None) -> None:
         self.config = config
         self.settings = config.router
-        self.breaker: Breaker = breaker or make_breaker(config.limits, config.router.circuit)
+        self.breaker: Breaker = breaker or make_breaker(config.limits, config.router.circuit,
+                                                               config.limit_settings)
         self.drain = drain or Drain()
         # Models in a panic-routing episode (logged once per episode); shared across
         # reloads like the breaker.
@@ -363,7 +374,7 @@ class Router:
             return GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"Every channel for `{model}` is rate limited upstream.",
                                 code="rate_limit_exceeded", retry_after=retry)
-        tried = "; ".join(f"{ch}: {why}" for ch, why in outcome.attempts) or "no channel available"
+        tried = attempts_summary(outcome.attempts) or "no channel available"
         return GatewayError(grpc.StatusCode.UNAVAILABLE,
                             f"All upstream channels failed for model `{model}`: {tried}",
                             code="upstream_error")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import grpc
 from aiohttp import web
@@ -23,9 +24,10 @@ from switchboard.core.health import Check, Readiness, check_grpc_core, check_red
 from switchboard.core.logs import install_redaction, update_secrets
 from switchboard.core.metrics import Metrics
 from switchboard.core.reload import reload_from_file
-from switchboard.core.server import build_grpc_server, mark_serving
+from switchboard.core.server import ListenError, build_grpc_server, check_bindable, mark_serving
 from switchboard.core.state import open_gateway
 from switchboard.facade.app import create_app, create_ops_app
+from switchboard.facade.guard import GuardedRunner
 from switchboard.facade.transport import GrpcTransport, Transport
 
 log = logging.getLogger("switchboard")
@@ -66,6 +68,25 @@ class Runtime:
         self._process_metrics: Metrics | None = None
 
     async def start(self) -> None:
+        """Start the listeners; if one cannot start, whatever did is stopped again
+        before the error propagates (a half-started process would never exit)."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._undo_start()
+            raise
+
+    async def _undo_start(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(0)
+        if self.gateway is not None:
+            await self.gateway.close()
+        if isinstance(self.transport, GrpcTransport):
+            await self.transport.close()
+
+    async def _start(self) -> None:
         # Whoever set up logging (the CLI, an embedding app, pytest), no handler may
         # write a secret: every handler gets the redaction filter (core/logs.py).
         update_secrets(self.config)
@@ -74,8 +95,12 @@ class Runtime:
             if self.gateway is None:
                 # Store, usage ledger and limiter from the config (core/state.py).
                 self.gateway = await open_gateway(self.config)
+            # Off the loop: it may resolve a host name.
+            await asyncio.to_thread(check_bindable, "gRPC", self.grpc_addr,
+                                    reuse_port=self.reuse_port)
             self.grpc_server, port, self.health = build_grpc_server(
-                self.gateway, self.grpc_addr, reuse_port=self.reuse_port)
+                self.gateway, self.grpc_addr, reuse_port=self.reuse_port,
+                limits=self.config.server)
             await self.grpc_server.start()
             await mark_serving(self.health, True)
             self.grpc_target = f"{split_address(self.grpc_addr)[0]}:{port}"
@@ -87,7 +112,10 @@ class Runtime:
                                   else GrpcTransport(self.core_target or ""))
                 app = create_app(self.transport, max_body_bytes=self.config.max_body_bytes,
                                  ops=self)
-            self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+            # Request deadlines, a connection cap and a small write buffer per
+            # connection: what a slow client may cost (facade/guard.py).
+            self.runner = GuardedRunner(app, settings=self.config.server,
+                                        handler_cancellation=True, access_log=None,
                                         shutdown_timeout=self.config.shutdown_grace_s
                                         + _DRAIN_MARGIN_S)
             await self.runner.setup()
@@ -96,7 +124,13 @@ class Runtime:
             # once) must not overflow aiohttp's default of 128 into 1 s SYN retransmits.
             site = web.TCPSite(self.runner, host, port, reuse_port=self.reuse_port or None,
                                backlog=4096)
-            await site.start()
+            await asyncio.to_thread(check_bindable, "HTTP", self.http_addr,
+                                    reuse_port=self.reuse_port)
+            try:
+                await site.start()
+            except OSError as exc:  # lost a race for the port after the check
+                raise ListenError("HTTP", self.http_addr,
+                                  os.strerror(exc.errno) if exc.errno else str(exc)) from None
             bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             self.http_url = f"http://{host}:{bound}"
 

@@ -6,7 +6,7 @@ int64 values are JSON strings; enums by name, e.g. "BUDGET_PERIOD_DAY";
 times RFC 3339). Errors are the same OpenAI-style objects as /v1 (errors_middleware).
 
   POST   /admin/v1/keys                 body: ApiKey          -> {key, secret} (201)
-  GET    /admin/v1/keys?owner=&include_revoked=true
+  GET    /admin/v1/keys?owner=&include_revoked=true&include_static=true
   GET    /admin/v1/keys/{id}
   PATCH  /admin/v1/keys/{id}            body: ApiKey fields to change (they form the mask)
   POST   /admin/v1/keys/{id}:revoke     (DELETE /admin/v1/keys/{id} does the same)
@@ -29,6 +29,7 @@ from google.protobuf.message import Message
 
 from switchboard.core.errors import GatewayError, invalid
 from switchboard.core.keys import bearer_token
+from switchboard.facade.body import read_json
 from switchboard.v1 import admin_pb2 as apb
 from switchboard.v1 import admin_pb2_grpc as apb_grpc
 
@@ -89,11 +90,8 @@ async def _call(request: web.Request, rpc: str, req: Message, status: int = 200)
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        data = orjson.loads(raw) if raw else {}
-    except orjson.JSONDecodeError:
-        raise invalid("The request body is not valid JSON.", None, code="invalid_json") from None
+    # the same size, encoding and depth limits as every JSON body
+    data = await read_json(request, empty={})
     if not isinstance(data, dict):
         raise invalid("The request body must be a JSON object.", None)
     return data
@@ -119,7 +117,8 @@ async def create_key(request: web.Request) -> web.Response:
 async def list_keys(request: web.Request) -> web.Response:
     q = request.query
     return await _call(request, "ListKeys", apb.ListKeysRequest(
-        owner=q.get("owner", ""), include_revoked=q.get("include_revoked", "") in ("1", "true")))
+        owner=q.get("owner", ""), include_revoked=q.get("include_revoked", "") in ("1", "true"),
+        include_static=q.get("include_static", "") in ("1", "true")))
 
 
 async def get_key(request: web.Request) -> web.Response:

@@ -9,25 +9,34 @@ like a gRPC deadline (the shorter of it and the channel's timeouts wins); a W3C
 `traceparent` header becomes the parent of the request's trace span.
 
 Operations endpoints (no auth; docs/operations.md): GET /healthz, /readyz, /metrics.
+
+Every error is an OpenAI error object, including the ones aiohttp's HTTP parser raises
+before a handler runs (URL or header too long, too many headers, bad chunk sizes,
+unknown method): `JsonErrorRunner` serves the app with a protocol whose `handle_error`
+writes JSON instead of aiohttp's plain text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 from switchboard.core.errors import GatewayError, invalid
 from switchboard.core.gateway import CallContext, new_request_id
 from switchboard.core.keys import bearer_token
 from switchboard.facade import openai_json as oj
 from switchboard.facade.admin_routes import add_admin_routes
+from switchboard.facade.body import read_json
 from switchboard.facade.transport import Transport
 from switchboard.v1 import inference_pb2 as pb
 
@@ -50,6 +59,9 @@ _JSON = "application/json"
 _SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache",
                 "x-accel-buffering": "no"}
 _DONE = b"data: [DONE]\n\n"
+# The longest X-Switchboard-Timeout accepted: a day. Larger (or non-finite) values are a
+# client bug, and event loops cannot schedule timers that far out anyway.
+MAX_TIMEOUT_S = 86400.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -68,8 +80,10 @@ def _context(request: web.Request, rid: str) -> CallContext:
         except ValueError:
             raise invalid("X-Switchboard-Timeout must be a number of seconds",
                           "x-switchboard-timeout") from None
-        if seconds <= 0:
-            raise invalid("X-Switchboard-Timeout must be positive", "x-switchboard-timeout")
+        if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT_S):
+            raise invalid(f"X-Switchboard-Timeout must be a number of seconds greater than 0 "
+                          f"and at most {MAX_TIMEOUT_S:g}, got {raw[:40]!r}",
+                          "x-switchboard-timeout")
         deadline = asyncio.get_running_loop().time() + seconds
     return CallContext(api_key=bearer_token(request.headers.get("authorization")),
                        request_id=rid, surface="rest", deadline=deadline,
@@ -93,19 +107,7 @@ def error_response(err: GatewayError, rid: str) -> web.Response:
 
 
 async def _body(request: web.Request) -> object:
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"Request body exceeds the limit of {request.app._client_max_size} "
-                           "bytes.", code="request_too_large") from None
-    if not raw:
-        raise invalid("The request body is empty; send a JSON object.", None)
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise invalid(f"We could not parse the JSON body of your request ({exc.msg} at "
-                      f"position {exc.pos}).", None, code="invalid_json") from None
+    return await read_json(request)
 
 
 @web.middleware
@@ -129,6 +131,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                               code="not_found" if exc.status == 404 else None)
         resp = error_response(mapped, rid)
         resp.set_status(exc.status)
+        return resp
+    except web.RequestPayloadError:
+        # Any handler reading the body: its framing is broken (e.g. a bad chunk size).
+        resp = error_response(invalid("The request body could not be read: its transfer "
+                                      "framing is broken.", None, code="invalid_body"), rid)
+        resp.force_close()  # the rest of the body cannot be framed: say the connection ends
         return resp
     except (asyncio.CancelledError, ConnectionResetError):
         raise
@@ -166,6 +174,10 @@ async def _relay_stream(request: web.Request,
                                        **(ctx.response_headers or {})})
     await resp.prepare(request)
     write, dumps, chunk_json = resp.write, orjson.dumps, oj.chunk_json  # per-chunk loop
+    # Backpressure: aiohttp waits for the client only every 64 KiB written; waiting after
+    # each event while the connection's buffer is over its mark (facade/guard.py) stops
+    # the next upstream read sooner (a no-op when the client keeps up).
+    drain = request.writer.drain
     try:
         if first is not None:
             chunk = first
@@ -176,6 +188,7 @@ async def _relay_stream(request: web.Request,
                     await write(b"data: " + dumps(chunk_json(chunk, include_usage)) + b"\n\n")
                 if include_usage and has_usage:
                     await write(b"data: " + dumps(oj.usage_chunk_json(chunk)) + b"\n\n")
+                await drain()
                 try:
                     chunk = await it.__anext__()
                 except StopAsyncIteration:
@@ -238,6 +251,61 @@ def create_ops_app(ops: Ops) -> web.Application:
     app = web.Application(middlewares=[errors_middleware])
     add_ops_routes(app, ops)
     return app
+
+
+class JsonErrorProtocol(RequestHandler):
+    """aiohttp's per-connection protocol, answering its own errors (bad request line or
+    headers, and anything that escapes the app) as an OpenAI error object."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status < 500 or isinstance(exc, BadHttpMethod):
+            # A malformed request is the client's fault (scanners, TLS hellos on a plain
+            # port, broken clients): one debug line, no traceback in the gateway's log.
+            self.logger.debug("unparsable HTTP request from %s: %s", request.remote, exc)
+        else:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+        if request.writer.output_size > 0:  # mid-response: nothing can be sent any more
+            raise ConnectionError("response already started; cannot send the error")
+        if status >= 500:
+            err = GatewayError(grpc.StatusCode.INTERNAL, "The gateway hit an internal error.")
+        else:
+            reason = (getattr(exc, "message", None) or message or "malformed request").strip()
+            err = invalid(f"The HTTP request could not be parsed: {reason[:200]}", None,
+                          code="bad_http_request")
+        resp = web.Response(body=oj.error_json(err), status=status, content_type=_JSON)
+        resp.force_close()  # the parser's state is unknown: never reuse this connection
+        return resp
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # After a refused body aiohttp drains the rest of it and meets the same broken
+        # framing/encoding again: the client's fault, already answered with a 400.
+        exc = kw.get("exc_info")
+        if isinstance(exc, (web.RequestPayloadError, HttpProcessingError)):
+            self.logger.debug("broken request body from a client: %s", exc)
+            return
+        super().log_exception(*args, **kw)
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return JsonErrorProtocol(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorRunner(web.AppRunner):
+    """web.AppRunner whose connections answer parser errors with OpenAI-shaped JSON.
+    aiohttp has no public hook for them (they bypass middlewares), so the server the
+    runner builds is given a protocol class that overrides `handle_error`. Request
+    bodies are decompressed by facade/body.py, not by aiohttp (see there why)."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, auto_decompress=False, **kwargs)
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer  # same object and state, our protocol factory
+        return server
 
 
 def create_app(transport: Transport, *, max_body_bytes: int = 20 * 1024 * 1024,

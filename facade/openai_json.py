@@ -3,6 +3,11 @@
 Parsing checks types and names the offending `param` (e.g. `messages[2].content`);
 semantic checks (ranges, required combinations) live in the core so both surfaces
 share them. Request fields the contract does not model go into `extra` as JSON text.
+
+Every JSON value that lands in a proto scalar goes through `_set`, which checks it
+against the field's proto type (string, bool, int32/int64 range, finite number) from
+the descriptor, so a value protobuf would refuse is a 400 naming the field, never a
+ValueError/TypeError inside the gateway (core/bounds.py holds the shared limits).
 """
 
 from __future__ import annotations
@@ -10,7 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
+from switchboard.core.bounds import check_scalar
 from switchboard.core.errors import GatewayError, invalid
 from switchboard.v1 import inference_pb2 as pb
 
@@ -25,6 +33,7 @@ _FLOATS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
 _INTS = ("n", "max_tokens", "max_completion_tokens", "top_logprobs", "seed")
 _STRS = ("user", "reasoning_effort")
 _BOOLS = ("logprobs", "parallel_tool_calls")
+_SCALARS = (*_FLOATS, *_INTS, *_STRS, *_BOOLS)
 _HANDLED = {"model", "messages", "stream", "stop", "logit_bias", "metadata", "tools",
             "tool_choice", "response_format", "stream_options", *_FLOATS, *_INTS, *_STRS, *_BOOLS}
 _MSG_HANDLED = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal",
@@ -46,6 +55,25 @@ def _want(v: Any, kind: type | tuple[type, ...], param: str, what: str) -> Any:
 
 def _str(v: Any, param: str) -> str:
     return str(_want(v, str, param, "a string"))
+
+
+_C = FieldDescriptor
+_KINDS: dict[int, tuple[type | tuple[type, ...], str]] = {
+    _C.CPPTYPE_STRING: (str, "a string"), _C.CPPTYPE_BOOL: (bool, "a boolean"),
+    _C.CPPTYPE_INT32: (int, "an integer"), _C.CPPTYPE_INT64: (int, "an integer"),
+    _C.CPPTYPE_UINT32: (int, "an integer"), _C.CPPTYPE_UINT64: (int, "an integer"),
+    _C.CPPTYPE_DOUBLE: ((int, float), "a number"), _C.CPPTYPE_FLOAT: ((int, float), "a number"),
+}
+
+
+def _set(msg: Message, name: str, v: Any, param: str) -> None:
+    """msg.name = v, after checking v against the proto field's type and range."""
+    field = msg.DESCRIPTOR.fields_by_name[name]
+    kind, what = _KINDS[field.cpp_type]
+    _want(v, kind, param, what)
+    if kind is not str and kind is not bool:
+        check_scalar(field, v, param)
+    setattr(msg, name, v)
 
 
 def _json_text(v: Any) -> str:
@@ -89,15 +117,16 @@ def _tool_calls(v: Any, param: str, out: Any) -> None:
         args = fn.get("arguments", "")
         if not isinstance(args, str):  # lenient: some clients send the object itself
             args = _json_text(args)
-        out.add(id=_str(tc.get("id", ""), f"{p}.id"), type=tc.get("type") or "function",
-                function=pb.FunctionCall(name=_str(fn.get("name"), f"{p}.function.name"),
-                                         arguments=args))
+        call = out.add(id=_str(tc.get("id", ""), f"{p}.id"),
+                       function=pb.FunctionCall(name=_str(fn.get("name"), f"{p}.function.name"),
+                                                arguments=args))
+        _set(call, "type", tc.get("type", "function") or "function", f"{p}.type")
 
 
 def _message(v: Any, param: str) -> pb.Message:
     _want(v, dict, param, "an object")
     role = v.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:  # a list/dict is unhashable
         raise invalid(f"Invalid value for '{param}.role': expected one of system, developer, "
                       f"user, assistant, tool, got {role!r}.", f"{param}.role")
     m = pb.Message(role=ROLES[role])
@@ -132,7 +161,9 @@ def _tool(v: Any, param: str) -> pb.Tool:
                                              "an object"))
     if fn.get("strict") is not None:
         f.strict = _want(fn["strict"], bool, f"{param}.function.strict", "a boolean")
-    return pb.Tool(type=v.get("type") or "function", function=f)
+    tool = pb.Tool(function=f)
+    _set(tool, "type", v.get("type", "function") or "function", f"{param}.type")
+    return tool
 
 
 def _tool_choice(v: Any, out: pb.ToolChoice) -> None:
@@ -171,6 +202,23 @@ def _response_format(v: Any, out: pb.ResponseFormat) -> None:
 
 def parse_chat(body: Any) -> tuple[pb.ChatCompletionParams, bool]:
     """An OpenAI chat request body → (params, stream?)."""
+    try:
+        return _parse_chat(body)
+    except (TypeError, ValueError) as exc:
+        raise _rejected(exc) from None
+
+
+def _rejected(exc: Exception) -> GatewayError:
+    # A safety net: every field is checked above, so reaching this means protobuf refused
+    # a value a check missed. It is still the caller's input, so a 400, not a 500.
+    return invalid(f"A value in the request is not valid for its field: {exc}.", None)
+
+
+_LOGIT_BIAS_VALUE: Any = pb.ChatCompletionParams.DESCRIPTOR.fields_by_name[
+    "logit_bias"].message_type.fields_by_name["value"]  # type: ignore[union-attr]
+
+
+def _parse_chat(body: Any) -> tuple[pb.ChatCompletionParams, bool]:
     _want(body, dict, "body", "a JSON object")
     p = pb.ChatCompletionParams()
     if "model" in body:
@@ -180,22 +228,10 @@ def parse_chat(body: Any) -> tuple[pb.ChatCompletionParams, bool]:
         raise invalid("Missing required parameter: 'messages'.", "messages")
     p.messages.extend(_message(m, f"messages[{i}]")
                       for i, m in enumerate(_want(msgs, list, "messages", "an array")))
-    for name in _FLOATS:
+    for name in _SCALARS:
         v = body.get(name)
         if v is not None:
-            setattr(p, name, _want(v, (int, float), name, "a number"))
-    for name in _INTS:
-        v = body.get(name)
-        if v is not None:
-            setattr(p, name, _want(v, int, name, "an integer"))
-    for name in _STRS:
-        v = body.get(name)
-        if v is not None:
-            setattr(p, name, _str(v, name))
-    for name in _BOOLS:
-        v = body.get(name)
-        if v is not None:
-            setattr(p, name, _want(v, bool, name, "a boolean"))
+            _set(p, name, v, name)
     stop = body.get("stop")
     if isinstance(stop, str):
         p.stop.append(stop)
@@ -204,7 +240,10 @@ def parse_chat(body: Any) -> tuple[pb.ChatCompletionParams, bool]:
                                                                          "a string or an array")))
     if body.get("logit_bias") is not None:
         for k, v in _want(body["logit_bias"], dict, "logit_bias", "an object").items():
-            p.logit_bias[str(k)] = int(_want(v, (int, float), f"logit_bias.{k}", "a number"))
+            # a number, stored as int32: range-check it before the truncation
+            _want(v, (int, float), f"logit_bias.{k}", "a number")
+            check_scalar(_LOGIT_BIAS_VALUE, v, f"logit_bias.{k}")
+            p.logit_bias[str(k)] = int(v)
     if body.get("metadata") is not None:
         for k, v in _want(body["metadata"], dict, "metadata", "an object").items():
             p.metadata[str(k)] = _str(v, f"metadata.{k}")
@@ -230,16 +269,22 @@ def parse_chat(body: Any) -> tuple[pb.ChatCompletionParams, bool]:
 
 
 def parse_image(body: Any) -> pb.CreateImageRequest:
+    """An OpenAI images/generations body → the request message."""
+    try:
+        return _parse_image(body)
+    except (TypeError, ValueError) as exc:
+        raise _rejected(exc) from None
+
+
+def _parse_image(body: Any) -> pb.CreateImageRequest:
     _want(body, dict, "body", "a JSON object")
     if body.get("prompt") is None:
         raise invalid("Missing required parameter: 'prompt'.", "prompt")
     req = pb.CreateImageRequest(prompt=_str(body["prompt"], "prompt"),
                                 model=_str(body.get("model", "dall-e-2"), "model"))
-    if body.get("n") is not None:
-        req.n = _want(body["n"], int, "n", "an integer")
-    for name in ("size", "quality", "style", "response_format", "user"):
+    for name in ("n", "size", "quality", "style", "response_format", "user"):
         if body.get(name) is not None:
-            setattr(req, name, _str(body[name], name))
+            _set(req, name, body[name], name)
     for k, v in body.items():
         if k not in _IMAGE_HANDLED:
             req.extra[k] = _json_text(v)

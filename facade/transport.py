@@ -2,7 +2,7 @@
 the same messages and raise the same GatewayErrors:
 
 - in one process the façade holds the `Gateway` itself and calls it directly: a
-  grpc.aio hop would cost ~0.5 ms CPU per request (DESIGN.md "Performance");
+  grpc.aio hop would cost ~0.5 ms CPU per request (docs/design.md, "Performance");
 - apart, `GrpcTransport` is a real gRPC client over one long-lived channel.
 """
 

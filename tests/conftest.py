@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -81,3 +82,23 @@ def redis_prefix() -> Iterator[str]:
     prefix = unique_name("sbtest")
     yield prefix
     drop_redis_prefix(prefix)
+
+
+# ---- nothing outside the repository (issue 11) -------------------------------------
+# tests/fsguard.py: an audit hook fails the session if any test opens or runs a path
+# outside the repository, its Python and the few system roots listed there.
+
+from tests import fsguard  # noqa: E402
+
+# HTTP clients with trust_env (aiohttp in google-genai's SDK) read ~/.netrc for credentials.
+# The suite must not pick up, or send to a fake upstream, whatever the developer keeps
+# there: point them at an empty file.
+os.environ["NETRC"] = os.devnull
+fsguard.install()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if fsguard.violations:
+        lines = "\n  ".join(dict.fromkeys(fsguard.violations))
+        print(f"\nfsguard: the tests touched paths outside the repository:\n  {lines}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -5,6 +5,7 @@ channels, admin-key checks, and no secret in responses or logs after creation.""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -250,3 +251,55 @@ async def test_rest_admin_reaches_a_remote_core_over_grpc(tmp_path: Path) -> Non
     finally:
         await facade.stop()
         await core.stop()
+
+
+async def test_cli_static_keys_revoke_twice_usage_json_and_small_costs(admin: Admin) -> None:
+    """Issue 11: `keys list` shows the config's static keys (marked), a second revoke says
+    so, `usage --json` prints numbers as numbers, and small costs are not rounded to 0."""
+    from switchboard.core.cli_admin import money
+    from tests.harness import TEST_KEY
+
+    server = ("--server", admin.rt.grpc_target)
+    code, out, _ = await _cli("keys", "list", *server)
+    assert code == 0 and out.splitlines()[0].startswith("static:test ")  # the harness's config key
+    assert " static " in out.splitlines()[0] and TEST_KEY not in out
+    code, out, _ = await _cli("keys", "list", "--no-static", *server)
+    assert code == 0 and "static:" not in out
+    r = await admin.http.get("/admin/v1/keys?include_static=true", headers=_hdr(ADMIN_KEY))
+    assert [(k["id"], k["static"]) for k in r.json()["keys"]] == [("static:test", True)]
+    code, out, _ = await _cli("keys", "get", "test", *server)  # by name, static too
+    assert code == 0 and "static:test" in out
+    code, _, err = await _cli("keys", "revoke", "test", *server)
+    assert code == 1 and "static key from the config file" in err
+
+    code, out, _ = await _cli("keys", "create", "--name", "tiny", *server)
+    secret = re.search(r"secret: (\S+)", out).group(1)  # type: ignore[union-attr]
+    assert (await _chat(admin.http, secret)).status_code == 200
+    code, out, _ = await _cli("usage", "--json", "--by", "key", *server)
+    assert code == 0, out
+    row = next(r for r in json.loads(out)["rows"] if r["key_name"] == "tiny")
+    assert row["requests"] == 1 and isinstance(row["prompt_tokens"], int) and row["prompt_tokens"] > 0
+    assert 0 < row["cost"] < 0.0001  # a few tokens at $1 per million
+    code, out, _ = await _cli("usage", "--by", "key", *server)
+    line = next(ln for ln in out.splitlines() if ln.startswith("tiny "))
+    shown = float(line.split()[-1])
+    assert shown == pytest.approx(row["cost"], rel=0.01) and line.split()[-1] == money(row["cost"])
+
+    code, out, _ = await _cli("keys", "revoke", "tiny", *server)
+    assert code == 0 and "revoked" in out
+    code, _, err = await _cli("keys", "revoke", "tiny", *server)  # by name: found among revoked
+    assert code == 1 and "already revoked" in err and "FAILED_PRECONDITION" in err
+
+
+def test_money_keeps_small_costs_visible() -> None:
+    from switchboard.core.cli_admin import money
+
+    assert [money(x) for x in (0, 12.5, 0.01, 0.0042, 0.0000123, 0.000000456)] == [
+        "0.0000", "12.5000", "0.0100", "0.00420", "0.0000123", "0.000000456"]
+
+
+async def test_cli_version() -> None:
+    import importlib.metadata
+
+    code, out, _ = await _cli("--version")
+    assert code == 0 and out.strip() == f"switchboard {importlib.metadata.version('switchboard')}"

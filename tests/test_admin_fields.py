@@ -234,7 +234,7 @@ CASES: list[tuple[str, Any, dict[str, Any], Behaviour]] = [
 
 
 def test_the_table_covers_every_settable_field() -> None:
-    output_only = {"id", "prefix", "create_time", "update_time", "revoke_time"}
+    output_only = {"id", "prefix", "create_time", "update_time", "revoke_time", "static"}
     settable = {f.name for f in apb.ApiKey.DESCRIPTOR.fields} - output_only
     assert {field for field, *_ in CASES} == settable
 

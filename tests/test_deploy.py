@@ -1,16 +1,21 @@
-"""Packaging: no Docker engine runs here, so this tests what the image is made of.
+"""Packaging without a Docker engine: what the image is made of. (tests/test_container.py
+builds and runs the real image when an engine can be used.)
 
 - The Dockerfile's build stage is replayed in a clean virtualenv: only the files its
   COPY lines bring in, installed the way its RUN line does. Then the final stage's
   exact ENTRYPOINT + CMD runs with its ENV (paths mapped to the temp directory, ports
   overridden the way `docker run -e` would) and the exact HEALTHCHECK command must
   pass while it serves and fail once it has stopped.
+- The default command with no configuration serves the echo demo (deploy/demo.yaml,
+  which must equal demo_config() but for its listen addresses).
 - The Kubernetes manifests and the compose file parse as YAML with the expected
-  structure, and the Switchboard configs embedded in them pass the config parser.
+  structure, the Switchboard configs embedded in them pass the config parser, and their
+  user, ports, mount paths, config path and probes match the Dockerfile.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -27,7 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
-from switchboard.core.config import load_config_text
+from switchboard.core.config import DEMO_KEY, demo_config, load_config_text
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -114,8 +119,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for word, args in final:
         if word == "COPY" and not args.startswith("--from"):
             what, dest = args.split()
-            assert dest == "/etc/switchboard/config.yaml"
-            shutil.copy(ROOT / what, etc / "config.yaml")
+            assert dest.startswith("/etc/switchboard/")
+            shutil.copy(ROOT / what, etc / dest.removeprefix("/etc/switchboard/"))
     workdir = tmp / "var-lib-switchboard"
     workdir.mkdir()
     paths = {"/opt/switchboard": str(venv), "/etc/switchboard": str(etc)}
@@ -152,6 +157,8 @@ def test_entrypoint_and_healthcheck_work_in_a_clean_venv(image: dict[str, Any]) 
     health = exec_form(final, "HEALTHCHECK")
     http, grpc_port = free_port(), free_port()
     env = {**image["env"], "HOME": str(image["workdir"]), "APP_KEY": APP_KEY,
+           # `docker run -e SWITCHBOARD_CONFIG=/etc/switchboard/example.yaml -e APP_KEY ...`
+           "SWITCHBOARD_CONFIG": str(Path(image["env"]["SWITCHBOARD_CONFIG"]).with_name("example.yaml")),
            # what `docker run -e ...` would override: ports free on this machine
            "SWITCHBOARD_HTTP_LISTEN": f"127.0.0.1:{http}",
            "SWITCHBOARD_GRPC_LISTEN": f"127.0.0.1:{grpc_port}"}
@@ -188,6 +195,7 @@ def test_image_refuses_a_bad_config(image: dict[str, Any]) -> None:
     final = image["final"]
     command = exec_form(final, "ENTRYPOINT") + exec_form(final, "CMD")
     env = {k: v for k, v in image["env"].items()}  # APP_KEY missing: the config cannot load
+    env["SWITCHBOARD_CONFIG"] = str(Path(env["SWITCHBOARD_CONFIG"]).with_name("example.yaml"))
     done = subprocess.run(command, env=env, cwd=image["workdir"], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2
@@ -196,6 +204,45 @@ def test_image_refuses_a_bad_config(image: dict[str, Any]) -> None:
                            env={**env, "APP_KEY": APP_KEY}, capture_output=True, text=True,
                            timeout=60)
     assert check.returncode == 0 and check.stdout.startswith("OK"), check.stderr
+
+
+def test_default_command_serves_the_demo(image: dict[str, Any]) -> None:
+    """`docker run IMAGE` with no configuration: the echo demo, like `switchboard serve`."""
+    final = image["final"]
+    command = exec_form(final, "ENTRYPOINT") + exec_form(final, "CMD")
+    health = exec_form(final, "HEALTHCHECK")
+    http = free_port()
+    env = {**image["env"], "HOME": str(image["workdir"]),
+           "SWITCHBOARD_HTTP_LISTEN": f"127.0.0.1:{http}",
+           "SWITCHBOARD_GRPC_LISTEN": f"127.0.0.1:{free_port()}"}
+    env["SWITCHBOARD_HEALTH_URL"] = re.sub(r":8080/", f":{http}/", env["SWITCHBOARD_HEALTH_URL"])
+    before = set(image["workdir"].iterdir())
+    proc = subprocess.Popen(command, env=env, cwd=image["workdir"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("switchboard: ready"), (line, proc.stderr.read() if proc.poll() else "")
+        assert subprocess.run(health, env=env, timeout=30).returncode == 0
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{http}/v1/chat/completions", method="POST",
+            headers={"authorization": f"Bearer {DEMO_KEY}", "content-type": "application/json"},
+            data=json.dumps({"model": "echo", "messages": [{"role": "user", "content": "demo"}]}).encode())
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert json.load(r)["choices"][0]["message"]["content"] == "demo"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert set(image["workdir"].iterdir()) == before  # in-memory store: no file left behind
+
+
+def test_baked_demo_config_is_the_cli_demo() -> None:
+    """deploy/demo.yaml is demo_config() but for the listen addresses (all interfaces)."""
+    baked = load_config_text((ROOT / "deploy" / "demo.yaml").read_text(), "demo.yaml", env={})
+    expected = dataclasses.replace(demo_config(), listen_http="0.0.0.0:8080",
+                                   listen_grpc="0.0.0.0:50051", source="demo.yaml")
+    assert baked == expected
 
 
 # ------------------------------------------------------------- manifests ----
@@ -281,3 +328,83 @@ def test_compose_file() -> None:
     env["APP_KEY"] = APP_KEY
     cfg = load_config_text((ROOT / "deploy" / mounted).read_text(), mounted, env=env)
     assert cfg.store.startswith("postgresql://") and cfg.limits.startswith("redis://")
+
+
+# ------------------------------------------------- manifests vs. the image ----
+
+def image_facts() -> dict[str, Any]:
+    """What the Dockerfile's final stage puts in the image: user, ports, paths, env."""
+    final = stages(DOCKERFILE.read_text())[-1]
+    user = next(a for w, a in final if w == "USER")
+    exposed = {int(p) for w, a in final if w == "EXPOSE" for p in a.split()}
+    workdir = next(a for w, a in final if w == "WORKDIR")
+    dirs = {workdir, "/tmp", "/opt/switchboard"}
+    for w, a in final:
+        if w == "RUN" and "mkdir -p" in a:
+            dirs |= {t for t in shlex.split(a) if t.startswith("/")}
+        if w in ("COPY",):
+            dirs.add(os.path.dirname(a.split()[-1]))
+    env = env_of(final)
+    return {"user": user, "exposed": exposed, "workdir": workdir, "dirs": dirs, "env": env}
+
+
+def url_port(url: str) -> int:
+    match = re.search(r"//[^/:]+:(\d+)/", url)
+    assert match, url
+    return int(match.group(1))
+
+
+def listen_ports(configmap: dict[str, Any]) -> set[int]:
+    text = configmap["data"]["config.yaml"]
+    listen = yaml.safe_load(text)["listen"]
+    return {int(listen["http"].rsplit(":", 1)[1]), int(listen["grpc"].rsplit(":", 1)[1])}
+
+
+def test_replicas_manifest_matches_the_image() -> None:
+    img = image_facts()
+    docs = load_all(ROOT / "deploy" / "k8s" / "replicas.yaml")
+    pod = by_kind(docs, "Deployment", "switchboard")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    sec = pod["securityContext"]
+    assert f"{sec['runAsUser']}:{sec['runAsGroup']}" == img["user"]
+    assert {p["containerPort"] for p in c["ports"]} == img["exposed"]
+    assert listen_ports(by_kind(docs, "ConfigMap", "switchboard-config")) == img["exposed"]
+    assert {m["mountPath"] for m in c["volumeMounts"]} <= img["dirs"]
+    config = {e["name"]: e.get("value") for e in c["env"]}["SWITCHBOARD_CONFIG"]
+    assert os.path.dirname(config) in {m["mountPath"] for m in c["volumeMounts"]}
+    named = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert named[c["readinessProbe"]["httpGet"]["port"]] in img["exposed"]
+    assert c["livenessProbe"]["grpc"]["port"] in img["exposed"]
+    # preStop and the HEALTHCHECK run `python`: the venv's, first on the image's PATH
+    assert c["lifecycle"]["preStop"]["exec"]["command"][0] == "python"
+    assert img["env"]["PATH"].startswith("/opt/switchboard/bin:")
+
+
+def test_sidecar_manifest_matches_the_image() -> None:
+    img = image_facts()
+    docs = load_all(ROOT / "deploy" / "k8s" / "sidecar.yaml")
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    sidecar = next(c for c in pod["initContainers"] if c["name"] == "switchboard")
+    sec = sidecar["securityContext"]
+    assert f"{sec['runAsUser']}:{sec['runAsGroup']}" == img["user"]
+    mounts = {m["mountPath"] for m in sidecar["volumeMounts"]}
+    assert mounts <= img["dirs"] and img["workdir"] in mounts  # the sqlite store is writable
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert os.path.dirname(env["SWITCHBOARD_CONFIG"]) in mounts
+    http_port = min(listen_ports(by_kind(docs, "ConfigMap")))
+    assert url_port(env["SWITCHBOARD_HEALTH_URL"]) == http_port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        command = sidecar[probe]["exec"]["command"]
+        assert command[0] == "python" and url_port(command[-1]) == http_port
+    assert listen_ports(by_kind(docs, "ConfigMap")) == img["exposed"]
+
+
+def test_compose_matches_the_image() -> None:
+    img = image_facts()
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    for name, s in compose["services"].items():
+        if not name.startswith("switchboard"):
+            continue
+        assert {int(p.split(":")[1]) for p in s["ports"]} == img["exposed"]
+        target = s["volumes"][0].split(":")[1]
+        assert target == s["environment"]["SWITCHBOARD_CONFIG"] == img["env"]["SWITCHBOARD_CONFIG"]

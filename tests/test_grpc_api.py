@@ -87,6 +87,7 @@ async def test_errors_carry_reason(stack: tuple[Stack, FakeOpenAI]) -> None:
         await s.stub.CreateChatCompletion(pb.CreateChatCompletionRequest(params=chat("x")))
     assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error_info(exc.value).reason == "invalid_api_key"
+    assert "`Authorization: Bearer <key>`" in (exc.value.details() or "")  # not redacted away
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await s.stub.CreateChatCompletion(pb.CreateChatCompletionRequest(params=chat("x")),
                                           metadata=(("authorization", "Bearer sk-bad-key-1234"),))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import aiohttp
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -107,3 +108,46 @@ async def test_grpc_health_and_reflection() -> None:
             status_during_stop = err.code()
         assert status_during_stop is not None
         await stack.runtime.start()  # the harness stops it again on exit
+
+
+def _field(number: int, value: str) -> bytes:
+    """A protobuf length-delimited field, encoded by hand (a raw client, no stubs)."""
+    data = value.encode()
+    return bytes([number << 3 | 2, len(data)]) + data
+
+
+async def test_reflection_v1_raw_client_and_admin_health() -> None:
+    """grpcurl and buf ask `grpc.reflection.v1` first: a raw client speaking v1 by its method
+    path gets the service list and descriptors (including v1's own); the health service
+    knows AdminService."""
+    from google.protobuf import descriptor_pb2
+
+    async with running_stack(make_config(ECHO)) as stack:
+        health = health_pb2_grpc.HealthStub(stack.channel)
+        resp = await health.Check(health_pb2.HealthCheckRequest(service="switchboard.v1.AdminService"))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await health.Check(health_pb2.HealthCheckRequest(service="switchboard.v1.Nope"))
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+        call = stack.channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")()
+        await call.write(_field(7, ""))  # list_services
+        await call.write(_field(4, "switchboard.v1.AdminService"))  # file_containing_symbol
+        await call.write(_field(4, "grpc.reflection.v1.ServerReflection"))
+        answers = [reflection_pb2.ServerReflectionResponse.FromString(await call.read()) for _ in range(3)]
+        await call.done_writing()
+        names = {s.name for s in answers[0].list_services_response.service}
+        assert {"switchboard.v1.InferenceService", "switchboard.v1.AdminService", "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
+        for answer, package, service in ((answers[1], "switchboard.v1", "AdminService"),
+                                         (answers[2], "grpc.reflection.v1", "ServerReflection")):
+            files = [descriptor_pb2.FileDescriptorProto.FromString(b)
+                     for b in answer.file_descriptor_response.file_descriptor_proto]
+            first = files[0]
+            assert (first.package, [s.name for s in first.service]) == (package, [service]), first
+        v1 = files[0]
+        method = v1.service[0].method[0]
+        assert (method.input_type, method.output_type) == (
+            ".grpc.reflection.v1.ServerReflectionRequest", ".grpc.reflection.v1.ServerReflectionResponse")
+        assert all(f.type_name.startswith(".grpc.reflection.v1.") for m in v1.message_type
+                   for f in m.field if f.type_name)

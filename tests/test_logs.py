@@ -160,6 +160,21 @@ def test_redactor_masks_known_and_shaped_secrets() -> None:
     assert r.redact("nothing secret here: gpt-4o, req_123") == "nothing secret here: gpt-4o, req_123"
 
 
+def test_redactor_masks_credentials_not_the_auth_scheme_or_placeholders() -> None:
+    r = Redactor()
+    hint = "You didn't provide an API key. Send it as `Authorization: Bearer <key>`."
+    assert r.redact(hint) == hint
+    assert r.redact("api_key: <your key>") == "api_key: <your key>"
+    for secret, text in (("opaque-token-123", "Authorization: Bearer opaque-token-123"),
+                         ("opaque-token-123", '{"authorization": "bearer opaque-token-123"}'),
+                         ("dXNlcjpwYXNzd29yZA", "authorization: Basic dXNlcjpwYXNzd29yZA=="),
+                         ("plainvalue99", "Authorization=plainvalue99"),
+                         ("sk-abcdefghijklmnop", "sent Bearer sk-abcdefghijklmnop upstream")):
+        red = r.redact(text)
+        assert secret not in red and REDACTED in red, (text, red)
+    assert r.redact("Authorization: Bearer opaque-token-123") == f"Authorization: Bearer {REDACTED}"
+
+
 def test_text_format() -> None:
     buf = io.StringIO()
     handler = make_handler("text", buf)

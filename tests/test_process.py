@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -92,3 +93,26 @@ async def test_bad_config_refuses_to_start(tmp_path: Path) -> None:
     _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 2
     assert f"{cfg}: channels[0].provider: unknown provider 'nope'" in err.decode()
+
+
+async def test_a_taken_port_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Issue 10 item 6: HTTP or gRPC, a port already in use is one line naming the
+    address and exit status 2; no traceback, and the process does not hang."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    addr = f"127.0.0.1:{taken.getsockname()[1]}"
+    try:
+        for surface, args in (("HTTP", ("--http", addr, "--grpc", "127.0.0.1:0")),
+                              ("gRPC", ("--http", "127.0.0.1:0", "--grpc", addr))):
+            proc = await asyncio.create_subprocess_exec(
+                *SWITCHBOARD, "serve", *args, cwd=tmp_path, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 2, (surface, out, err)
+            lines = [ln for ln in err.decode().splitlines() if ln.startswith("switchboard:")]
+            assert lines == [f"switchboard: cannot listen for {surface} on {addr}: "
+                             "Address already in use"], err.decode()
+            assert "Traceback" not in err.decode() and b"ready" not in out
+    finally:
+        taken.close()

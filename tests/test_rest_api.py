@@ -1,7 +1,7 @@
 """The OpenAI REST surface end to end: the official `openai` SDK (async and sync) against
 the real façade and core, an OpenAI-wire fake upstream behind them, and every reply
-checked against OpenAI's OpenAPI spec. Runs in both deployments (one process; façade
-and core apart over gRPC)."""
+checked against the `openai` SDK's response types, strictly (tests/openapi.py). Runs in
+both deployments (one process; façade and core apart over gRPC)."""
 
 from __future__ import annotations
 
@@ -235,6 +235,19 @@ async def _error(s: Stack, body: Any, key: str | None = TEST_KEY, raw: bytes | N
 
 
 MSG = [{"role": "user", "content": "hi"}]
+
+
+async def test_error_messages_read_as_written(stack: tuple[Stack, FakeOpenAI]) -> None:
+    """Issue 10 item 6: the redactor leaves our own `Bearer <key>` hint alone, and a 502
+    names each failed channel once with an accurate connect error."""
+    s, _ = stack
+    st, _, e = await _error(s, {"model": "gpt-4o", "messages": MSG}, key=None)
+    assert st == 401 and "Send it as `Authorization: Bearer <key>`." in e["message"], e
+    st, _, e = await _error(s, {"model": "dead-model", "messages": MSG})
+    assert st == 502, e
+    assert e["message"].count("dead:") == 1, e  # once, however many attempts it had
+    assert "cannot connect to 127.0.0.1:9: Connection refused" in e["message"], e
+    assert "ssl:default" not in e["message"], e
 
 
 async def test_error_table_rows(stack: tuple[Stack, FakeOpenAI]) -> None:

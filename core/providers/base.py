@@ -10,12 +10,13 @@ and `ProviderClient.stream` do the rest, the same way for every provider: post, 
 HTTP and connection errors, read frames, feed the translator, redact the channel's key
 from error messages, detect a stream that ended early, close the connection.
 
-Upstream calls go through aiohttp's client (DESIGN.md "Performance": httpx costs
+Upstream calls go through aiohttp's client (docs/design.md, "Performance": httpx costs
 10–15× more CPU per request on this path).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
@@ -128,6 +129,16 @@ def error_message(body: bytes, fallback: str) -> tuple[str, str | None]:
     return fallback, None
 
 
+# Backpressure (README "Slow clients"): a streamed upstream body is read at most this
+# much at a time, and aiohttp stops reading the upstream socket once twice
+# `_READ_BUFSIZE` is buffered (plus the last socket read, at most 256 KiB). So a client
+# that stops reading holds its upstream in the kernel's socket buffers, not in this
+# process (iter_any() used to hand over everything buffered at once: ~1.8 MiB per
+# stalled stream measured, bench/stalled_streams.py).
+_READ_BUFSIZE = 8 * 1024
+_READ_PIECE = 8 * 1024
+
+
 Frames = Literal["sse", "ndjson"]
 T = TypeVar("T")
 
@@ -176,6 +187,7 @@ class HttpPool:
                 json_serialize=lambda o: orjson.dumps(o).decode(),
                 auto_decompress=True,
                 skip_auto_headers=("User-Agent",),
+                read_bufsize=_READ_BUFSIZE,
             )
         return self._session
 
@@ -254,7 +266,7 @@ class ProviderClient:
         reader = SseReader() if self.frames == "sse" else NdjsonReader()
         try:
             try:
-                async for received in resp.content.iter_any():
+                async for received in resp.content.iter_chunked(_READ_PIECE):
                     for event, data in reader.feed(received):
                         for chunk in tr.frame(event, data):
                             yield chunk
@@ -303,7 +315,7 @@ class ProviderClient:
             raise UpstreamError(f"connect timeout after {self.channel.timeouts.connect:g}s",
                                 retryable=True, kind="connect") from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"connect error: {self.redact(str(exc)) or type(exc).__name__}",
+            raise UpstreamError(f"connect error: {self.redact(connect_error_text(exc))}",
                                 retryable=True, kind="connect") from None
         if resp.status < 300:
             return resp
@@ -334,6 +346,20 @@ class ProviderClient:
         except orjson.JSONDecodeError:
             raise UpstreamError("malformed JSON in the upstream reply", retryable=True,
                                 kind="malformed") from None
+
+
+def connect_error_text(exc: aiohttp.ClientError) -> str:
+    """What went wrong reaching the upstream, in our words. aiohttp's own text says
+    `ssl:default` even for http:// URLs (it prints its ssl argument, not the scheme)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        why = (os.strerror(os_error.errno) if isinstance(os_error.errno, int) and os_error.errno > 0
+               else str(os_error) or type(os_error).__name__)
+        if isinstance(exc, (aiohttp.ClientConnectorSSLError,
+                            aiohttp.ClientConnectorCertificateError)):
+            why = f"TLS handshake failed ({why})"
+        return f"cannot connect to {exc.host}:{exc.port}: {why}"
+    return str(exc) or type(exc).__name__
 
 
 def stream_broken(exc: aiohttp.ClientError) -> UpstreamError:
@@ -453,7 +479,7 @@ async def read_frames(resp: aiohttp.ClientResponse, reader: _Reader[T]) -> Async
     """What `reader` makes of a streamed body, frame by frame, as it arrives. (The
     stream driver feeds its reader inline instead, to spare a generator per chunk.)"""
     try:
-        async for received in resp.content.iter_any():
+        async for received in resp.content.iter_chunked(_READ_PIECE):
             for frame in reader.feed(received):
                 yield frame
     except aiohttp.ClientError as exc:

@@ -183,6 +183,7 @@ class ApiKey(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    STATIC_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only: a stable identifier (key_…)."""
     name: _builtins.str
@@ -202,6 +203,10 @@ class ApiKey(_message.Message):
     enabled: _builtins.bool
     """Whether the key may be used; unset on create = enabled. A disabled key is
     refused (UNAUTHENTICATED) until it is enabled again.
+    """
+    static: _builtins.bool
+    """Output only: the key is a static key from the config file (id `static:<name>`); it is
+    changed or removed by editing the config, not through this API.
     """
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -250,10 +255,11 @@ class ApiKey(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
+        static: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_enabled", b"_enabled", "_max_concurrent", b"_max_concurrent", "_rpm", b"_rpm", "_tpm", b"_tpm", "budget", b"budget", "create_time", b"create_time", "enabled", b"enabled", "expire_time", b"expire_time", "max_concurrent", b"max_concurrent", "revoke_time", b"revoke_time", "rpm", b"rpm", "tpm", b"tpm", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_enabled", b"_enabled", "_max_concurrent", b"_max_concurrent", "_rpm", b"_rpm", "_tpm", b"_tpm", "allowed_cidrs", b"allowed_cidrs", "budget", b"budget", "budget_period", b"budget_period", "budget_unit", b"budget_unit", "create_time", b"create_time", "enabled", b"enabled", "expire_time", b"expire_time", "id", b"id", "max_concurrent", b"max_concurrent", "metadata", b"metadata", "models", b"models", "name", b"name", "owner", b"owner", "prefix", b"prefix", "revoke_time", b"revoke_time", "rpm", b"rpm", "tpm", b"tpm", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_enabled", b"_enabled", "_max_concurrent", b"_max_concurrent", "_rpm", b"_rpm", "_tpm", b"_tpm", "allowed_cidrs", b"allowed_cidrs", "budget", b"budget", "budget_period", b"budget_period", "budget_unit", b"budget_unit", "create_time", b"create_time", "enabled", b"enabled", "expire_time", b"expire_time", "id", b"id", "max_concurrent", b"max_concurrent", "metadata", b"metadata", "models", b"models", "name", b"name", "owner", b"owner", "prefix", b"prefix", "revoke_time", b"revoke_time", "rpm", b"rpm", "static", b"static", "tpm", b"tpm", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__budget: _TypeAlias = _typing.Literal["budget"]  # noqa: Y015
     _WhichOneofArgType__budget: _TypeAlias = _typing.Literal["_budget", b"_budget"]  # noqa: Y015
@@ -333,19 +339,23 @@ class ListKeysRequest(_message.Message):
 
     OWNER_FIELD_NUMBER: _builtins.int
     INCLUDE_REVOKED_FIELD_NUMBER: _builtins.int
+    INCLUDE_STATIC_FIELD_NUMBER: _builtins.int
     owner: _builtins.str
     """Only keys of this owner, when set."""
     include_revoked: _builtins.bool
     """Also list revoked keys."""
+    include_static: _builtins.bool
+    """Also list the config's static keys (marked `static`), first."""
     def __init__(
         self,
         *,
         owner: _builtins.str = ...,
         include_revoked: _builtins.bool = ...,
+        include_static: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_revoked", b"include_revoked", "owner", b"owner"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_revoked", b"include_revoked", "include_static", b"include_static", "owner", b"owner"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
