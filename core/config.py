@@ -1,5 +1,11 @@
 """YAML configuration → typed, validated config objects.
 
+The whole config is described once, as pydantic models (one per section, unknown keys
+rejected); the reference in docs/configuration.md is generated from them
+(scripts/gen_config_docs.py), so the two cannot drift. Each provider module declares its
+own channel `options` model (core/providers/__init__.py lists them), validated here when
+the config loads, not when a request arrives.
+
 `${NAME}` and `${NAME:-default}` are substituted from the environment before any
 value is read, so secrets never need to sit in the file. Every problem is reported
 as a `ConfigError` naming the file, the path inside it (e.g. `channels[1].provider`)
@@ -7,131 +13,507 @@ and what is wrong; a config either loads whole or not at all.
 
 With no file at all, `demo_config()` gives the embedded default: one `echo` demo
 channel and a well-known demo key, listening on loopback only.
+
+Why pydantic (v2): its error locations (`('channels', 1, 'provider')`) map directly onto
+our `file: path: problem` messages, its JSON Schema export describes the same models the
+reference is generated from, and it was already installed with the providers' SDKs.
+The models are built once per load; the hot path only reads their attributes.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+if TYPE_CHECKING:
+    from switchboard.core.providers.base import ProviderClient
 
 DEMO_KEY = "sk-switchboard-demo"
-KNOWN_PROVIDERS = ("openai", "anthropic", "gemini", "ollama", "echo", "azure")
 
 
 class ConfigError(Exception):
     """A config problem: `file: path: message`."""
 
 
-@dataclass(frozen=True)
-class Timeouts:
+# ------------------------------------------------------------------ problems ----
+
+
+def problem(message: str, *at: str | int) -> PydanticCustomError:
+    """A config error raised inside a validator: `message` is shown as is, `at` extends
+    the path pydantic reports (e.g. the index of a bad list item)."""
+    return PydanticCustomError("config", "{problem}", {"problem": message, "at": at})
+
+
+def where(loc: Sequence[str | int]) -> str:
+    """('channels', 1, 'provider') -> 'channels[1].provider'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def first_problem(err: ValidationError) -> tuple[tuple[str | int, ...], str]:
+    """The first error of a validation as (path, problem), in our words."""
+    e = err.errors(include_url=False, include_input=False)[0]
+    loc = tuple(e["loc"])
+    ctx = e.get("ctx") or {}
+    if e["type"] == "config":
+        return loc + tuple(ctx.get("at", ())), str(ctx["problem"])
+    if e["type"] == "missing":
+        return loc, "is required"
+    if e["type"] == "extra_forbidden":
+        return loc, "unknown setting"
+    return loc, str(e["msg"])
+
+
+# --------------------------------------------------------- value checkers ----
+# Each check does the whole job and returns the final Python value, so pydantic's own
+# checks behind it never fail and every message is ours.
+
+
+def _string(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    raise problem(f"expected a string, got {type(v).__name__}")
+
+
+def _number(minimum: float) -> Callable[[Any], float]:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise problem(f"expected a number, got {v!r}")
+        if v < minimum:
+            raise problem(f"must be >= {minimum:g}, got {v!r}")
+        return float(v)
+    return check
+
+
+def _whole(minimum: int | None) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise problem(f"expected a whole number, got {v!r}")
+        if minimum is not None and v < minimum:
+            raise problem(f"must be >= {minimum}, got {v!r}")
+        return v
+    return check
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise problem(f"expected true or false, got {v!r}")
+    return v
+
+
+def one_of(*allowed: str, message: str = "", lower: bool = False) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        s = _string(v).lower() if lower else _string(v)
+        if s not in allowed:
+            raise problem(f"{message or 'expected one of ' + ', '.join(allowed)}, got {s!r}")
+        return s
+    return check
+
+
+def _list(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return v
+    raise problem(f"expected a list, got {type(v).__name__}")
+
+
+def _mapping(v: Any) -> Any:
+    if isinstance(v, dict):
+        return v
+    raise problem(f"expected a mapping, got {type(v).__name__}")
+
+
+def _str_map(v: Any) -> dict[str, str]:
+    return {str(k): str(x) for k, x in _mapping(v).items()}
+
+
+def _str_keys(v: Any) -> dict[str, Any]:
+    return {str(k): x for k, x in _mapping(v).items()}
+
+
+def _str_list(v: Any) -> tuple[str, ...]:
+    return tuple(str(x) for x in _list(v))
+
+
+def _or(default: float) -> Callable[[Any], Any]:
+    """0 means the default (kept from the hand-written reader: `max_attempts: 0` is 1)."""
+    def after(v: Any) -> Any:
+        return v or default
+    return after
+
+
+# The value types the models use; their names say what a YAML value must be.
+Str = Annotated[str, BeforeValidator(_string)]
+Num = Annotated[float, BeforeValidator(_number(0.0))]
+OptNum = Annotated[float | None, BeforeValidator(_number(0.0))]
+Whole = Annotated[int, BeforeValidator(_whole(0))]
+OptWhole = Annotated[int | None, BeforeValidator(_whole(0))]
+AtLeastOne = Annotated[int, BeforeValidator(_whole(0)), AfterValidator(_or(1))]
+Int = Annotated[int, BeforeValidator(_whole(None))]
+Bool = Annotated[bool, BeforeValidator(_bool)]
+OptBool = Annotated[bool | None, BeforeValidator(_bool)]
+StrMap = Annotated[dict[str, str], BeforeValidator(_str_map)]
+StrList = Annotated[tuple[str, ...], BeforeValidator(_str_list)]
+AnyMap = Annotated[dict[str, Any], BeforeValidator(_mapping)]
+
+
+class Section(BaseModel):
+    """A mapping in the config file. Absent and `null` keys take their defaults; unknown
+    keys are errors that list the known ones."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True,
+                              validate_by_alias=True)
+    # key -> why it is gone, for settings that were replaced
+    retired: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _raw(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, BaseModel):
+            return data
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise problem(f"expected a mapping, got {type(data).__name__}")
+        data = {k: v for k, v in data.items() if v is not None}
+        for key, why in cls.retired.items():
+            if key in data:
+                raise problem(why, key)
+        # From a file only the YAML keys count; code may also use the Python names.
+        allowed = set(cls.yaml_keys()) if info.context else {
+            n for name, f in cls.model_fields.items() for n in (name, f.alias) if n}
+        extra = sorted(str(k) for k in data if k not in allowed)
+        if extra:
+            raise problem(f"unknown setting (expected one of: {', '.join(sorted(cls.yaml_keys()))})",
+                          extra[0])
+        return data
+
+    @classmethod
+    def yaml_keys(cls) -> dict[str, str]:
+        """YAML key -> field name, for the keys a file may set."""
+        return {f.alias or name: name for name, f in cls.model_fields.items() if not f.exclude}
+
+
+# ------------------------------------------------------------------ sections ----
+
+
+class Listen(Section):
+    """Listen addresses (`HOST:PORT`; port 0 picks a free port). `--http` / `--grpc`
+    override them."""
+
+    http: Str = Field(default="127.0.0.1:8080", description="REST/SSE (OpenAI) surface")
+    grpc: Str = Field(default="127.0.0.1:50051", description="gRPC API")
+
+
+class Timeouts(Section):
     """Seconds; 0 disables a timeout. The caller's deadline wins when shorter."""
 
-    connect: float = 10.0
-    first_token: float = 60.0
-    idle: float = 60.0
-    total: float = 600.0
+    connect: Num = Field(default=10.0, description="connecting to the upstream")
+    first_token: Num = Field(default=60.0, description="from the request to the first token")
+    idle: Num = Field(default=60.0, description="longest silence between two streamed chunks")
+    total: Num = Field(default=600.0, description="the whole upstream call")
+
+
+class ProviderOptions(Section):
+    """Base of each provider's channel `options` model (declared in its module)."""
+
+    @classmethod
+    def of(cls, channel: ChannelConfig) -> Self:
+        """The channel's options as this provider's model (validated when it loaded)."""
+        opts = channel.options
+        if not isinstance(opts, cls):
+            raise TypeError(f"channel {channel.name!r} has {type(opts).__name__} options, "
+                            f"not {cls.__name__}")
+        return opts
 
 
 @dataclass(frozen=True)
-class ChannelConfig:
+class ProviderSpec:
+    """What a provider module declares: the name channels use in `provider:`, the
+    upstream URL a channel gets when it sets none, its `options` model and its client."""
+
     name: str
-    provider: str
-    base_url: str
-    api_key: str = ""
-    # public model name -> upstream model name
-    models: dict[str, str] = field(default_factory=dict)
-    weight: float = 1.0
-    priority: int = 0
-    headers: dict[str, str] = field(default_factory=dict)
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    # Provider-specific settings (e.g. anthropic `version`, echo `delay_ms`).
-    options: dict[str, Any] = field(default_factory=dict)
-    owned_by: str = ""
+    default_base_url: str
+    options: type[ProviderOptions]
+    client: type[ProviderClient]
+    # False for providers without an upstream (the echo demo): no URL to check.
+    upstream: bool = True
 
 
-@dataclass(frozen=True)
-class KeyConfig:
-    name: str
-    key: str
-    models: tuple[str, ...] = ("*",)
-    rpm: int | None = None
-    tpm: int | None = None
-    max_concurrent: int | None = None
-    budget: float | None = None
-    budget_unit: str = "tokens"  # tokens | usd
-    budget_period: str = "total"  # day | month | total
-    allowed_cidrs: tuple[str, ...] = ()
+def provider_specs() -> Mapping[str, ProviderSpec]:
+    """The provider registry (core/providers/__init__.py). Imported when a channel is
+    validated, not at import time: the provider modules import this module for
+    ChannelConfig and ProviderOptions."""
+    from switchboard.core.providers import SPECS
+
+    return SPECS
 
 
-@dataclass(frozen=True)
-class LimitSettings:
-    """How limits behave (core/limits.py). `on_error`: what a request meets when the
-    limits backend (Redis) is unreachable — "closed" refuses it (503-class UNAVAILABLE),
-    "open" lets it through unlimited. `default_max_tokens`: the completion tokens reserved
-    when a request names no max_tokens. `lease_s`: how long a concurrency slot outlives a
-    replica that died holding it."""
-
-    on_error: str = "closed"
-    key_prefix: str = "switchboard"
-    default_max_tokens: int = 1024
-    lease_s: float = 900.0
-    redis_timeout_s: float = 0.5
-    # Each Redis client (the limiter's, the circuit breaker's) keeps at most this many
-    # connections; a request waits for a free one rather than opening more
-    # (core/redis_pool.py). Connections idle this long are closed, so the descriptors a
-    # burst opened are given back.
-    redis_max_connections: int = 32
-    redis_idle_s: float = 60.0
+def _model_names(v: Any) -> Any:
+    if isinstance(v, dict):  # built in code: already public -> upstream
+        return v
+    models: dict[str, str] = {}
+    for i, m in enumerate(_list(v)):
+        if not isinstance(m, str) or not m:
+            raise problem(f"expected a model name, got {m!r}", i)
+        models[m] = m
+    return models
 
 
-@dataclass(frozen=True)
-class Price:
+def _model_map(v: Any) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for public, upstream in _mapping(v).items():
+        if not isinstance(upstream, str) or not upstream:
+            raise problem(f"expected an upstream model name, got {upstream!r}", str(public))
+        out[str(public)] = upstream
+    return out
+
+
+class ChannelConfig(Section):
+    """One upstream: a provider, where it is, its key and the models it serves."""
+
+    name: Str = Field(description="unique name (logs, metrics, errors)")
+    provider: Str = Field(description="the wire format upstream; one of the providers below")
+    base_url: Str = Field(default=None, validate_default=True,
+                          description="upstream base URL; default: the provider's")
+    api_key: Str = Field(default="", description="the upstream's key (use `${ENV}`)")
+    # public model name -> upstream model name (`models` and `model_map` together)
+    models: Annotated[dict[str, str], BeforeValidator(_model_names)] = Field(
+        default_factory=dict, json_schema_extra={"yaml_type": "list of strings", "yaml_default": "[]"},
+        description="public model names served as-is (a channel serves at least one model, "
+                    "here or in `model_map`)")
+    model_map: Annotated[dict[str, str], BeforeValidator(_model_map)] = Field(
+        default_factory=dict, description="public name -> a different upstream model name")
+    weight: Num = Field(default=1.0, description="weighted choice between channels of one tier")
+    priority: Int = Field(default=0, description="higher tiers are tried first")
+    headers: StrMap = Field(default_factory=dict, description="extra headers sent upstream")
+    timeouts: Timeouts = Field(default_factory=Timeouts,
+                               description="per-channel; keys not set come from the top-level `timeouts`")
+    # Provider-specific settings: the provider module's Options model.
+    options: ProviderOptions = Field(default=None, validate_default=True,
+                                     description="provider-specific settings (see Providers)")
+    owned_by: Str = Field(default=None, validate_default=True,
+                          description="`owned_by` in /v1/models; default: the provider name")
+
+    @field_validator("provider")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        specs = provider_specs()
+        if v not in specs:
+            raise problem(f"unknown provider {v!r} (expected one of: {', '.join(specs)})")
+        return v
+
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _default_url(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None:
+            spec = provider_specs().get(info.data.get("provider", ""))
+            return spec.default_base_url if spec else ""
+        return v
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str, info: ValidationInfo) -> str:
+        v = v.rstrip("/")
+        spec = provider_specs().get(info.data.get("provider", ""))
+        if spec is not None and spec.upstream and not re.match(r"^https?://", v):
+            raise problem(f"expected an http(s) URL, got {v!r}")
+        return v
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _options(cls, v: Any, info: ValidationInfo) -> Any:
+        spec = provider_specs().get(info.data.get("provider", ""))
+        if spec is None:  # the provider is already reported
+            return ProviderOptions()
+        if isinstance(v, spec.options):
+            return v
+        try:
+            return spec.options.model_validate(v if v is not None else {}, context=info.context)
+        except ValidationError as err:
+            loc, message = first_problem(err)
+            raise problem(message, *loc) from None
+
+    @field_validator("owned_by", mode="before")
+    @classmethod
+    def _owner(cls, v: Any, info: ValidationInfo) -> Any:
+        return info.data.get("provider", "") if v is None else v
+
+    @model_validator(mode="after")
+    def _served(self) -> Self:
+        if self.model_map:
+            # Frozen to callers; filled in once here, while the model is being built.
+            self.__dict__["models"] = {**self.models, **self.model_map}
+        return self
+
+
+def _cidrs(v: Any) -> tuple[str, ...]:
+    out = []
+    for i, c in enumerate(_list(v)):
+        try:
+            out.append(str(ipaddress.ip_network(str(c), strict=False)))
+        except ValueError:
+            raise problem(f"expected a CIDR such as 10.0.0.0/8, got {c!r}", i) from None
+    return tuple(out)
+
+
+def _key_models(v: Any) -> tuple[str, ...]:
+    return _str_list(v) or ("*",)
+
+
+class KeyConfig(Section):
+    """A static API key (held as a SHA-256 digest) and its limits."""
+
+    name: Str = Field(description="shown in logs, usage and errors")
+    key: Str = Field(description="the secret, at least 8 characters (use `${ENV}`)")
+    models: Annotated[tuple[str, ...], BeforeValidator(_key_models)] = Field(
+        default=("*",), description="model names or globs the key may use")
+    rpm: OptWhole = Field(default=None, description="requests per minute")
+    tpm: OptWhole = Field(default=None, description="tokens per minute")
+    max_concurrent: OptWhole = Field(default=None, description="requests in flight at once")
+    budget: OptNum = Field(default=None, description="spend allowed per `budget_period`, in `budget_unit`")
+    budget_unit: Annotated[Literal["tokens", "usd"], BeforeValidator(one_of("tokens", "usd"))] = Field(
+        default="tokens", description="what `budget` counts")
+    budget_period: Annotated[Literal["day", "month", "total"],
+                             BeforeValidator(one_of("day", "month", "total"))] = Field(
+        default="total", description="when the budget starts afresh (UTC)")
+    allowed_cidrs: Annotated[tuple[str, ...], BeforeValidator(_cidrs)] = Field(
+        default=(), description="client networks the key may be used from; empty: any")
+
+    @field_validator("key")
+    @classmethod
+    def _long_enough(cls, v: str) -> str:
+        if len(v) < 8:
+            raise problem("is shorter than 8 characters")
+        return v
+
+
+class LimitSettings(Section):
+    """`limits: memory | redis://…`, or this mapping (core/limits.py)."""
+
+    backend: Str = Field(default="memory", description="`memory`, or a `redis://` / `rediss://` URL shared "
+                                               "by replicas (limits and circuit state)")
+    on_error: Annotated[Literal["closed", "open"], BeforeValidator(one_of("closed", "open"))] = Field(
+        default="closed", description="when Redis is unreachable: `closed` refuses requests (UNAVAILABLE), "
+                              "`open` lets them through unlimited")
+    key_prefix: Str = Field(default="switchboard", description="Redis key prefix (letters, digits, `_.:-`)")
+    default_max_tokens: AtLeastOne = Field(
+        default=1024, description="completion tokens reserved when a request names no max_tokens")
+    lease_s: Annotated[float, BeforeValidator(_number(1.0))] = Field(
+        default=900.0, description="how long a concurrency slot outlives a replica that died holding it")
+    redis_timeout_s: Annotated[float, BeforeValidator(_number(0.0)), AfterValidator(_or(0.5))] = Field(
+        default=0.5, description="per Redis call; 0 means the default")
+    # core/redis_pool.py: a request waits for a free connection rather than opening more;
+    # idle ones are closed, so the descriptors a burst opened are given back.
+    redis_max_connections: AtLeastOne = Field(
+        default=32, description="connections each Redis client (limiter, circuit breaker) keeps at "
+                                "most; a request waits for a free one")
+    redis_idle_s: Num = Field(default=60.0, description="Redis connections idle this long are closed")
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z0-9_.:-]{1,64}$", v):
+            raise problem("use letters, digits and _.:- only")
+        return v
+
+    @model_validator(mode="after")
+    def _backend(self) -> Self:
+        if self.backend != "memory" and not re.match(r"^rediss?://", self.backend):
+            raise problem(f"expected memory or a redis:// URL, got {self.backend!r}")
+        return self
+
+
+class Price(Section):
     """US dollars per million tokens (and per generated image)."""
 
-    prompt: float = 0.0
-    completion: float = 0.0
-    cached_prompt: float | None = None  # None: same as prompt
-    image: float = 0.0
+    prompt: Num = Field(default=0.0, description="per million prompt tokens")
+    completion: Num = Field(default=0.0, description="per million completion tokens")
+    cached_prompt: OptNum = Field(default=None, description="per million cached prompt tokens; "
+                                                    "default: the `prompt` price")
+    image: Num = Field(default=0.0, description="per generated image")
 
 
-@dataclass(frozen=True)
-class RouteConfig:
-    model: str
-    targets: tuple[str, ...]
-    # Start the next channel if the first has no first token after this long.
-    hedge_after_ms: float | None = None
+def _targets(v: Any) -> tuple[str, ...]:
+    targets = _str_list(v)
+    if not targets:
+        raise problem("a route needs at least one target model")
+    return targets
 
 
-@dataclass(frozen=True)
-class CircuitSettings:
+class RouteConfig(Section):
+    """A public model name that tries other model names in order (alias or fallback chain)."""
+
+    model: Str = Field(description="the name clients ask for")
+    targets: Annotated[tuple[str, ...], BeforeValidator(_targets)] = Field(
+        description="model names (served by a channel, or other routes), tried in order")
+    hedge_after_ms: OptNum = Field(default=None, description="start the next target too if the first has "
+                                                     "no first token after this long")
+
+
+class CircuitSettings(Section):
     """A channel is cooled down for `cooldown_s` when, within the last `window_s`, at
     least `min_requests` requests reached it and at least `failure_ratio` of them
     failed; then up to `half_open_requests` trials at a time decide whether it closes
     again (core/circuit.py, which also says why these defaults)."""
 
-    failure_ratio: float = 0.5
-    min_requests: int = 20
-    window_s: float = 30.0
-    cooldown_s: float = 30.0
-    half_open_requests: int = 1
+    retired: ClassVar[dict[str, str]] = {
+        "threshold": "replaced by failure_ratio + min_requests (the circuit now opens on a "
+                     "failure ratio; docs/failure-contract.md)"}
+
+    failure_ratio: Num = Field(default=0.5, description="share of failed requests that opens the circuit "
+                                                "(more than 0, at most 1)")
+    min_requests: AtLeastOne = Field(default=20, description="requests in the window before it is judged")
+    window_s: Num = Field(default=30.0, description="the sliding window, seconds")
+    cooldown_s: Num = Field(default=30.0, description="how long an open circuit keeps the channel out")
+    half_open_requests: AtLeastOne = Field(default=1,
+                                           description="trial requests at a time after the cooldown")
+
+    @field_validator("failure_ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise problem("must be more than 0 and at most 1")
+        return v
 
 
-@dataclass(frozen=True)
-class RouterSettings:
-    max_attempts: int = 3
-    backoff_ms: float = 50.0
-    # Honour an upstream 429's Retry-After only when it is at most this long.
-    max_retry_after_s: float = 2.0
-    circuit: CircuitSettings = field(default_factory=CircuitSettings)
+class RouterSettings(Section):
+    """Retries and failover between channels (core/router.py)."""
+
+    max_attempts: AtLeastOne = Field(default=3, description="channels tried per request")
+    backoff_ms: Num = Field(default=50.0, description="pause before a retry")
+    max_retry_after_s: Num = Field(default=2.0, description="honour an upstream 429's Retry-After only "
+                                                    "when it is at most this long")
+    circuit: CircuitSettings = Field(default_factory=CircuitSettings,
+                                     description="the per-channel circuit breaker")
 
 
-@dataclass(frozen=True)
-class ServerSettings:
+class ServerSettings(Section):
     """What one client may cost a listener (facade/guard.py, core/server.py). A request's
     line and headers must arrive within `header_timeout_s` of the connection opening or
     of its first byte, its body within `body_timeout_s` after that; otherwise the client
@@ -139,130 +521,179 @@ class ServerSettings:
     closed after `idle_timeout_s`. Beyond `max_connections` open connections a listener
     answers new ones with 503 and closes them at once. 0 disables a setting."""
 
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 60.0
-    idle_timeout_s: float = 75.0
-    max_connections: int = 10000
+    header_timeout_s: Num = Field(default=10.0, description="request line and headers (408 after)")
+    body_timeout_s: Num = Field(default=60.0, description="the body, after the headers (408 after)")
+    idle_timeout_s: Num = Field(default=75.0, description="a keep-alive connection with no request")
+    max_connections: Whole = Field(default=10000, description="open connections per listener "
+                                                              "(503 beyond)")
 
 
-@dataclass(frozen=True)
-class ObservabilityConfig:
+def _endpoint(v: Any) -> str:
+    s = _string(v).rstrip("/")
+    if s and not re.match(r"^https?://", s):
+        raise problem(f"expected an http(s) URL, got {s!r}")
+    return s
+
+
+def _ratio(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        raise problem("expected a number between 0 and 1")
+    return float(v)
+
+
+class ObservabilityConfig(Section):
     """Logs, metrics and traces (docs/operations.md). Tracing is off unless
     `otel_endpoint` is set (needs the `otel` extra)."""
 
-    log_format: str = "json"  # json | text
-    log_level: str = "info"
-    access_log: bool = True  # one line per request (logger switchboard.access)
-    otel_endpoint: str = ""  # OTLP/HTTP base URL, e.g. http://otel-collector:4318
-    service_name: str = "switchboard"
-    trace_sample_ratio: float = 1.0
+    log_format: Annotated[Literal["json", "text"],
+                          BeforeValidator(one_of("json", "text", message="expected json or text"))] = Field(
+        default="json", description="log line format")
+    log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(
+        one_of("debug", "info", "warning", "error", "critical", lower=True,
+                message="expected debug, info, warning or error"))] = Field(
+        default="info", description="log level")
+    access_log: Bool = Field(default=True, description="one line per request (logger switchboard.access)")
+    otel_endpoint: Annotated[str, BeforeValidator(_endpoint)] = Field(
+        default="", description="OTLP/HTTP base URL, e.g. http://otel-collector:4318; empty: tracing off")
+    service_name: Str = Field(default="switchboard", description="`service.name` of traces")
+    trace_sample_ratio: Annotated[float, BeforeValidator(_ratio)] = Field(
+        default=1.0, description="share of requests traced, 0 to 1")
 
 
-@dataclass(frozen=True)
-class Config:
-    listen_http: str = "127.0.0.1:8080"
-    listen_grpc: str = "127.0.0.1:50051"
-    store: str = "sqlite:///./switchboard.db"
-    limits: str = "memory"
-    admin_key: str = ""
-    keys: tuple[KeyConfig, ...] = ()
-    channels: tuple[ChannelConfig, ...] = ()
-    routes: tuple[RouteConfig, ...] = ()
-    router: RouterSettings = field(default_factory=RouterSettings)
-    max_body_bytes: int = 20 * 1024 * 1024
-    shutdown_grace_s: float = 30.0
-    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
-    server: ServerSettings = field(default_factory=ServerSettings)
-    limit_settings: LimitSettings = field(default_factory=LimitSettings)
+def _limits(v: Any) -> Any:
+    return {"backend": v or "memory"} if isinstance(v, str) else v
+
+
+def _admin_key(v: Any) -> str:
+    key = _string(v)
+    if key and len(key) < 8:
+        raise problem("is shorter than 8 characters")
+    return key
+
+
+def _store(v: Any) -> str:
+    dsn = _string(v)
+    if not dsn.startswith(("sqlite://", "postgresql://", "postgres://")):
+        raise problem("expected sqlite:///path/to/file.db or a postgresql:// DSN")
+    return dsn
+
+
+class Config(Section):
+    """The top level of the config file."""
+
+    listen: Listen = Field(default_factory=Listen, description="listen addresses")
+    store: Annotated[str, BeforeValidator(_store)] = Field(
+        default="sqlite:///./switchboard.db", description="keys and usage: `sqlite:///path/to/file.db` or a "
+                                                  "`postgresql://` DSN (several replicas)")
+    limit_settings: Annotated[LimitSettings, BeforeValidator(_limits)] = Field(
+        default_factory=LimitSettings, alias="limits",
+        json_schema_extra={"yaml_type": "`memory`, a `redis://` URL, or a mapping"},
+        description="where limits and circuit state live, and how limits behave")
+    admin_key: Annotated[str, BeforeValidator(_admin_key)] = Field(
+        default="", description="bearer key of the admin API (at least 8 characters); empty: admin API off")
+    keys: Annotated[tuple[KeyConfig, ...], BeforeValidator(_list)] = Field(
+        default=(), description="static API keys")
+    timeouts: Timeouts = Field(default_factory=Timeouts,
+                               description="defaults for every channel's `timeouts`")
+    channels: Annotated[tuple[ChannelConfig, ...], BeforeValidator(_list)] = Field(
+        default=(), description="upstream channels")
+    routes: Annotated[tuple[RouteConfig, ...], BeforeValidator(_list)] = Field(
+        default=(), description="aliases and ordered fallback chains")
+    router: RouterSettings = Field(default_factory=RouterSettings, description="retries and failover")
+    max_body_bytes: Whole = Field(default=20 * 1024 * 1024,
+                                  description="largest REST request body (413 above)")
+    shutdown_grace_s: Num = Field(default=30.0,
+                                  description="on SIGTERM, how long in-flight requests may finish")
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig,
+                                               description="logs, metrics and traces")
+    server: ServerSettings = Field(default_factory=ServerSettings,
+                                   description="what one client may cost a listener")
     # model name or glob -> price; the first matching entry in file order wins.
-    prices: tuple[tuple[str, Price], ...] = ()
+    price_table: Annotated[dict[str, Price], BeforeValidator(_str_keys)] = Field(
+        default_factory=dict, alias="prices",
+        json_schema_extra={"yaml_type": "mapping of model name or glob → [price](#prices)"},
+        description="prices for usage costs and `usd` budgets; the first matching entry in file "
+                    "order wins")
     # Store-backed keys are cached this long: revocation, disabling and edits reach every
     # replica within it (expiry is checked on every request).
-    key_cache_s: float = 2.0
-    source: str = "<builtin>"
+    key_cache_s: Num = Field(default=2.0, description="how long store-backed keys are cached: revocation "
+                                              "and edits reach every replica within it")
+    source: str = Field(default="<builtin>", exclude=True, description="where the config came from")
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channel_timeouts(cls, v: Any, info: ValidationInfo) -> Any:
+        """Each channel's timeouts start from the top-level `timeouts`."""
+        base = info.data.get("timeouts")
+        if not isinstance(base, Timeouts) or not isinstance(v, (list, tuple)):
+            return v
+        defaults = base.model_dump()
+        out = []
+        for raw in v:
+            if isinstance(raw, dict):
+                own = raw.get("timeouts")
+                if own is None:
+                    raw = {**raw, "timeouts": defaults}
+                elif isinstance(own, dict):
+                    raw = {**raw, "timeouts": {**defaults, **{k: x for k, x in own.items()
+                                                               if x is not None}}}
+            out.append(raw)
+        return out
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v: tuple[ChannelConfig, ...]) -> tuple[ChannelConfig, ...]:
+        seen: set[str] = set()
+        for i, c in enumerate(v):
+            if not c.models:
+                raise problem("a channel must serve at least one model", i, "models")
+            if c.name in seen:
+                raise problem(f"duplicate channel name {c.name!r}", i, "name")
+            seen.add(c.name)
+        return v
+
+    @model_validator(mode="after")
+    def _route_targets(self) -> Self:
+        served = {m for c in self.channels for m in c.models}
+        aliases = {x.model for x in self.routes}
+        for i, route in enumerate(self.routes):
+            for j, target in enumerate(route.targets):
+                if target not in served and target not in aliases:
+                    raise problem(f"no channel serves model {target!r}", "routes", i, "targets", j)
+        return self
+
+    # The shapes the rest of the code reads.
+    @property
+    def listen_http(self) -> str:
+        return self.listen.http
+
+    @property
+    def listen_grpc(self) -> str:
+        return self.listen.grpc
+
+    @property
+    def limits(self) -> str:
+        """The limits backend: `memory` or a redis:// URL."""
+        return self.limit_settings.backend
+
+    @property
+    def prices(self) -> tuple[tuple[str, Price], ...]:
+        return tuple(self.price_table.items())
 
 
-_DEFAULT_BASE_URLS = {
-    "openai": "https://api.openai.com/v1",
-    "anthropic": "https://api.anthropic.com",
-    "gemini": "https://generativelanguage.googleapis.com",
-    "ollama": "http://127.0.0.1:11434",
-    "echo": "",
-}
+# ------------------------------------------------------------------- loading ----
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class _Reader:
-    """Walks the parsed YAML, keeping the path for error messages."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, path: str, message: str) -> ConfigError:
-        where = f"{self.source}: {path}" if path else self.source
-        return ConfigError(f"{where}: {message}")
-
-    def mapping(self, value: Any, path: str) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise self.fail(path, f"expected a mapping, got {type(value).__name__}")
-        return value
-
-    def seq(self, value: Any, path: str) -> list[Any]:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise self.fail(path, f"expected a list, got {type(value).__name__}")
-        return value
-
-    def str_(self, d: dict[str, Any], key: str, path: str, default: str | None = None) -> str:
-        value = d.get(key, default)
-        if value is None:
-            raise self.fail(f"{path}.{key}" if path else key, "is required")
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise self.fail(f"{path}.{key}" if path else key,
-                            f"expected a string, got {type(value).__name__}")
-        return str(value)
-
-    def num(self, d: dict[str, Any], key: str, path: str, default: float | None,
-            minimum: float = 0.0) -> float | None:
-        value = d.get(key, default)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(f"{path}.{key}", f"expected a number, got {value!r}")
-        if value < minimum:
-            raise self.fail(f"{path}.{key}", f"must be >= {minimum:g}, got {value!r}")
-        return float(value)
-
-    def int_(self, d: dict[str, Any], key: str, path: str, default: int | None) -> int | None:
-        value = d.get(key, default)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(f"{path}.{key}", f"expected a whole number, got {value!r}")
-        if value < 0:
-            raise self.fail(f"{path}.{key}", f"must be >= 0, got {value!r}")
-        return value
-
-    def unknown(self, d: dict[str, Any], allowed: set[str], path: str) -> None:
-        extra = sorted(set(d) - allowed)
-        if extra:
-            where = f"{path}.{extra[0]}" if path else str(extra[0])
-            raise self.fail(where, f"unknown setting (expected one of: {', '.join(sorted(allowed))})")
-
-
-def substitute_env(text: str, source: str, env: dict[str, str] | None = None) -> str:
+def substitute_env(text: str, source: str, env: Mapping[str, str] | None = None) -> str:
     """Replace ${NAME} / ${NAME:-default}; an unset variable without default is an error."""
-    env = os.environ if env is None else env  # type: ignore[assignment]
-    assert env is not None
+    values: Mapping[str, str] = os.environ if env is None else env
 
     def repl(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        if name in env:
-            return env[name]
+        if name in values:
+            return values[name]
         if default is not None:
             return default
         line = text.count("\n", 0, match.start()) + 1
@@ -272,275 +703,28 @@ def substitute_env(text: str, source: str, env: dict[str, str] | None = None) ->
     return _ENV.sub(repl, text)
 
 
-def _timeouts(r: _Reader, raw: Any, path: str, base: Timeouts) -> Timeouts:
-    d = r.mapping(raw, path)
-    r.unknown(d, {"connect", "first_token", "idle", "total"}, path)
-    return Timeouts(**{k: r.num(d, k, path, getattr(base, k)) for k in  # type: ignore[arg-type]
-                       ("connect", "first_token", "idle", "total")})
-
-
-def _channel(r: _Reader, raw: Any, path: str, default_timeouts: Timeouts) -> ChannelConfig:
-    d = r.mapping(raw, path)
-    r.unknown(d, {"name", "provider", "base_url", "api_key", "models", "model_map", "weight",
-                  "priority", "headers", "timeouts", "options", "owned_by"}, path)
-    name = r.str_(d, "name", path)
-    provider = r.str_(d, "provider", path)
-    if provider not in KNOWN_PROVIDERS:
-        raise r.fail(f"{path}.provider",
-                     f"unknown provider {provider!r} (expected one of: {', '.join(KNOWN_PROVIDERS)})")
-    base_url = r.str_(d, "base_url", path, _DEFAULT_BASE_URLS.get(provider)).rstrip("/")
-    if provider != "echo" and not re.match(r"^https?://", base_url):
-        raise r.fail(f"{path}.base_url", f"expected an http(s) URL, got {base_url!r}")
-    models: dict[str, str] = {}
-    for i, m in enumerate(r.seq(d.get("models"), f"{path}.models")):
-        if not isinstance(m, str) or not m:
-            raise r.fail(f"{path}.models[{i}]", f"expected a model name, got {m!r}")
-        models[m] = m
-    for public, upstream in r.mapping(d.get("model_map"), f"{path}.model_map").items():
-        if not isinstance(upstream, str) or not upstream:
-            raise r.fail(f"{path}.model_map.{public}", f"expected an upstream model name, got {upstream!r}")
-        models[str(public)] = upstream
-    if not models:
-        raise r.fail(f"{path}.models", "a channel must serve at least one model")
-    weight = r.num(d, "weight", path, 1.0)
-    priority = d.get("priority", 0)
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise r.fail(f"{path}.priority", f"expected a whole number, got {priority!r}")
-    headers = {str(k): str(v) for k, v in r.mapping(d.get("headers"), f"{path}.headers").items()}
-    return ChannelConfig(
-        name=name, provider=provider, base_url=base_url,
-        api_key=r.str_(d, "api_key", path, ""), models=models,
-        weight=weight if weight is not None else 1.0, priority=priority, headers=headers,
-        timeouts=_timeouts(r, d.get("timeouts"), f"{path}.timeouts", default_timeouts),
-        options=dict(r.mapping(d.get("options"), f"{path}.options")),
-        owned_by=r.str_(d, "owned_by", path, provider),
-    )
-
-
-def _key(r: _Reader, raw: Any, path: str) -> KeyConfig:
-    d = r.mapping(raw, path)
-    r.unknown(d, {"name", "key", "models", "rpm", "tpm", "max_concurrent", "budget", "budget_unit",
-                  "budget_period", "allowed_cidrs"}, path)
-    key = r.str_(d, "key", path)
-    if len(key) < 8:
-        raise r.fail(f"{path}.key", "is shorter than 8 characters")
-    models = tuple(str(m) for m in r.seq(d.get("models", ["*"]), f"{path}.models"))
-    return KeyConfig(
-        name=r.str_(d, "name", path), key=key, models=models or ("*",),
-        rpm=r.int_(d, "rpm", path, None), tpm=r.int_(d, "tpm", path, None),
-        max_concurrent=r.int_(d, "max_concurrent", path, None),
-        budget=r.num(d, "budget", path, None),
-        budget_unit=_choice(r, d, "budget_unit", path, ("tokens", "usd"), "tokens"),
-        budget_period=_choice(r, d, "budget_period", path, ("day", "month", "total"), "total"),
-        allowed_cidrs=_cidrs(r, d.get("allowed_cidrs"), f"{path}.allowed_cidrs"),
-    )
-
-
-def _choice(r: _Reader, d: dict[str, Any], key: str, path: str, allowed: tuple[str, ...],
-            default: str) -> str:
-    value = r.str_(d, key, path, default)
-    if value not in allowed:
-        raise r.fail(f"{path}.{key}", f"expected one of {', '.join(allowed)}, got {value!r}")
-    return value
-
-
-def _cidrs(r: _Reader, raw: Any, path: str) -> tuple[str, ...]:
-    import ipaddress
-
-    out = []
-    for i, c in enumerate(r.seq(raw, path)):
-        try:
-            out.append(str(ipaddress.ip_network(str(c), strict=False)))
-        except ValueError:
-            raise r.fail(f"{path}[{i}]", f"expected a CIDR such as 10.0.0.0/8, got {c!r}") from None
-    return tuple(out)
-
-
-def _limits(r: _Reader, raw: Any) -> tuple[str, LimitSettings]:
-    """`limits: memory | redis://…`, or a mapping with `backend` and the settings."""
-    if raw is None or isinstance(raw, str):
-        backend, d = raw or Config.limits, {}
-    else:
-        d = r.mapping(raw, "limits")
-        r.unknown(d, {"backend", "on_error", "key_prefix", "default_max_tokens", "lease_s",
-                      "redis_timeout_s", "redis_max_connections", "redis_idle_s"}, "limits")
-        backend = r.str_(d, "backend", "limits", Config.limits)
-    if backend != "memory" and not re.match(r"^rediss?://", backend):
-        raise r.fail("limits", f"expected memory or a redis:// URL, got {backend!r}")
-    base = LimitSettings()
-    prefix = r.str_(d, "key_prefix", "limits", base.key_prefix)
-    if not re.match(r"^[A-Za-z0-9_.:-]{1,64}$", prefix):
-        raise r.fail("limits.key_prefix", "use letters, digits and _.:- only")
-    return backend, LimitSettings(
-        on_error=_choice(r, d, "on_error", "limits", ("closed", "open"), base.on_error),
-        key_prefix=prefix,
-        default_max_tokens=int(r.int_(d, "default_max_tokens", "limits", base.default_max_tokens)
-                               or 1),
-        lease_s=r.num(d, "lease_s", "limits", base.lease_s, minimum=1) or base.lease_s,
-        redis_timeout_s=r.num(d, "redis_timeout_s", "limits", base.redis_timeout_s)
-        or base.redis_timeout_s,
-        redis_max_connections=int(r.int_(d, "redis_max_connections", "limits",
-                                         base.redis_max_connections) or 1),
-        redis_idle_s=r.num(d, "redis_idle_s", "limits", base.redis_idle_s) or 0.0,
-    )
-
-
-def _server(r: _Reader, raw: Any) -> ServerSettings:
-    d = r.mapping(raw, "server")
-    r.unknown(d, {"header_timeout_s", "body_timeout_s", "idle_timeout_s", "max_connections"},
-              "server")
-    base = ServerSettings()
-    return ServerSettings(
-        header_timeout_s=r.num(d, "header_timeout_s", "server", base.header_timeout_s) or 0.0,
-        body_timeout_s=r.num(d, "body_timeout_s", "server", base.body_timeout_s) or 0.0,
-        idle_timeout_s=r.num(d, "idle_timeout_s", "server", base.idle_timeout_s) or 0.0,
-        max_connections=int(r.int_(d, "max_connections", "server", base.max_connections) or 0),
-    )
-
-
-def _admin_key(r: _Reader, d: dict[str, Any]) -> str:
-    """Empty or absent disables the admin API; a set key must be hard to guess."""
-    if d.get("admin_key") in (None, ""):
-        return ""
-    key = r.str_(d, "admin_key", "")
-    if len(key) < 8:
-        raise r.fail("admin_key", "is shorter than 8 characters")
-    return key
-
-
-def _store(r: _Reader, d: dict[str, Any]) -> str:
-    dsn = r.str_(d, "store", "", Config.store)
-    if not dsn.startswith(("sqlite://", "postgresql://", "postgres://")):
-        raise r.fail("store", "expected sqlite:///path/to/file.db or a postgresql:// DSN")
-    return dsn
-
-
-def _prices(r: _Reader, raw: Any) -> tuple[tuple[str, Price], ...]:
-    out = []
-    for model, spec in r.mapping(raw, "prices").items():
-        path = f"prices.{model}"
-        d = r.mapping(spec, path)
-        r.unknown(d, {"prompt", "completion", "cached_prompt", "image"}, path)
-        out.append((str(model), Price(
-            prompt=r.num(d, "prompt", path, 0.0) or 0.0,
-            completion=r.num(d, "completion", path, 0.0) or 0.0,
-            cached_prompt=r.num(d, "cached_prompt", path, None),
-            image=r.num(d, "image", path, 0.0) or 0.0)))
-    return tuple(out)
-
-
-def _route(r: _Reader, raw: Any, path: str) -> RouteConfig:
-    d = r.mapping(raw, path)
-    r.unknown(d, {"model", "targets", "hedge_after_ms"}, path)
-    targets = tuple(str(t) for t in r.seq(d.get("targets"), f"{path}.targets"))
-    if not targets:
-        raise r.fail(f"{path}.targets", "a route needs at least one target model")
-    return RouteConfig(model=r.str_(d, "model", path), targets=targets,
-                       hedge_after_ms=r.num(d, "hedge_after_ms", path, None))
-
-
-def _observability(r: _Reader, raw: Any) -> ObservabilityConfig:
-    path = "observability"
-    d = r.mapping(raw, path)
-    r.unknown(d, {"log_format", "log_level", "access_log", "otel_endpoint", "service_name",
-                  "trace_sample_ratio"}, path)
-    base = ObservabilityConfig()
-    fmt = r.str_(d, "log_format", path, base.log_format)
-    if fmt not in ("json", "text"):
-        raise r.fail(f"{path}.log_format", f"expected json or text, got {fmt!r}")
-    level = r.str_(d, "log_level", path, base.log_level).lower()
-    if level not in ("debug", "info", "warning", "error", "critical"):
-        raise r.fail(f"{path}.log_level", f"expected debug, info, warning or error, got {level!r}")
-    endpoint = r.str_(d, "otel_endpoint", path, "").rstrip("/")
-    if endpoint and not re.match(r"^https?://", endpoint):
-        raise r.fail(f"{path}.otel_endpoint", f"expected an http(s) URL, got {endpoint!r}")
-    ratio = r.num(d, "trace_sample_ratio", path, base.trace_sample_ratio)
-    if ratio is None or not 0 <= ratio <= 1:
-        raise r.fail(f"{path}.trace_sample_ratio", "expected a number between 0 and 1")
-    access_log = d.get("access_log", True)
-    if not isinstance(access_log, bool):
-        raise r.fail(f"{path}.access_log", f"expected true or false, got {access_log!r}")
-    return ObservabilityConfig(log_format=fmt, log_level=level, access_log=access_log,
-                               otel_endpoint=endpoint,
-                               service_name=r.str_(d, "service_name", path, base.service_name),
-                               trace_sample_ratio=ratio)
-
-
 def parse_config(data: Any, source: str) -> Config:
     """Build a Config from parsed YAML; raises ConfigError naming what is wrong."""
-    r = _Reader(source)
-    d = r.mapping(data, "")
-    r.unknown(d, {"listen", "store", "limits", "admin_key", "keys", "channels", "routes",
-                  "timeouts", "router", "max_body_bytes", "shutdown_grace_s", "observability",
-                  "prices", "key_cache_s", "server"}, "")
-    listen = r.mapping(d.get("listen"), "listen")
-    r.unknown(listen, {"http", "grpc"}, "listen")
-    default_timeouts = _timeouts(r, d.get("timeouts"), "timeouts", Timeouts())
-    channels = tuple(_channel(r, c, f"channels[{i}]", default_timeouts)
-                     for i, c in enumerate(r.seq(d.get("channels"), "channels")))
-    names = [c.name for c in channels]
-    for i, n in enumerate(names):
-        if names.index(n) != i:
-            raise r.fail(f"channels[{i}].name", f"duplicate channel name {n!r}")
-    keys = tuple(_key(r, k, f"keys[{i}]") for i, k in enumerate(r.seq(d.get("keys"), "keys")))
-    routes = tuple(_route(r, x, f"routes[{i}]") for i, x in enumerate(r.seq(d.get("routes"), "routes")))
-    served = {m for c in channels for m in c.models}
-    aliases = {x.model for x in routes}
-    for i, route in enumerate(routes):
-        for j, target in enumerate(route.targets):
-            if target not in served and target not in aliases:
-                raise r.fail(f"routes[{i}].targets[{j}]", f"no channel serves model {target!r}")
-    rd = r.mapping(d.get("router"), "router")
-    r.unknown(rd, {"max_attempts", "backoff_ms", "max_retry_after_s", "circuit"}, "router")
-    cd = r.mapping(rd.get("circuit"), "router.circuit")
-    if "threshold" in cd:
-        raise r.fail("router.circuit.threshold", "replaced by failure_ratio + min_requests "
-                     "(the circuit now opens on a failure ratio; docs/failure-contract.md)")
-    r.unknown(cd, {"failure_ratio", "min_requests", "window_s", "cooldown_s",
-                   "half_open_requests"}, "router.circuit")
-    ratio = r.num(cd, "failure_ratio", "router.circuit", 0.5)
-    if ratio is not None and not 0 < ratio <= 1:
-        raise r.fail("router.circuit.failure_ratio", "must be more than 0 and at most 1")
-    router = RouterSettings(
-        max_attempts=int(r.int_(rd, "max_attempts", "router", 3) or 1),
-        backoff_ms=r.num(rd, "backoff_ms", "router", 50.0) or 0.0,
-        max_retry_after_s=r.num(rd, "max_retry_after_s", "router", 2.0) or 0.0,
-        circuit=CircuitSettings(
-            failure_ratio=ratio or 0.5,
-            min_requests=int(r.int_(cd, "min_requests", "router.circuit", 20) or 1),
-            window_s=r.num(cd, "window_s", "router.circuit", 30.0) or 0.0,
-            cooldown_s=r.num(cd, "cooldown_s", "router.circuit", 30.0) or 0.0,
-            half_open_requests=int(r.int_(cd, "half_open_requests", "router.circuit", 1) or 1),
-        ),
-    )
-    limits_backend, limit_settings = _limits(r, d.get("limits"))
-    return Config(
-        listen_http=r.str_(listen, "http", "listen", Config.listen_http),
-        listen_grpc=r.str_(listen, "grpc", "listen", Config.listen_grpc),
-        store=_store(r, d),
-        limits=limits_backend, limit_settings=limit_settings, prices=_prices(r, d.get("prices")),
-        key_cache_s=r.num(d, "key_cache_s", "", Config.key_cache_s) or 0.0,
-        admin_key=_admin_key(r, d),
-        keys=keys, channels=channels, routes=routes, router=router,
-        max_body_bytes=int(r.int_(d, "max_body_bytes", "", Config.max_body_bytes) or 0),
-        shutdown_grace_s=r.num(d, "shutdown_grace_s", "", Config.shutdown_grace_s) or 0.0,
-        observability=_observability(r, d.get("observability")),
-        server=_server(r, d.get("server")),
-        source=source,
-    )
+    try:
+        config = Config.model_validate(data, context={"file": source})
+    except ValidationError as err:
+        loc, message = first_problem(err)
+        path = where(loc)
+        raise ConfigError(f"{source}: {path}: {message}" if path else f"{source}: {message}") from None
+    return config.model_copy(update={"source": source})
 
 
-def load_config_text(text: str, source: str, env: dict[str, str] | None = None) -> Config:
+def load_config_text(text: str, source: str, env: Mapping[str, str] | None = None) -> Config:
     try:
         data = yaml.safe_load(substitute_env(text, source, env))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "parse"
-        raise ConfigError(f"{source}: {where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        at = f"line {mark.line + 1}" if mark is not None else "parse"
+        raise ConfigError(f"{source}: {at}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
     return parse_config(data, source)
 
 
-def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a config file (called once at start-up, before the loop runs)."""
     p = Path(path)
     try:

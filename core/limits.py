@@ -421,8 +421,8 @@ class RedisBackend:
     """Shared by every replica pointing at the same Redis and `limits.key_prefix`."""
 
     def __init__(self, url: str, prefix: str, timeout_s: float, *,
-                 max_connections: int = LimitSettings.redis_max_connections,
-                 idle_s: float = LimitSettings.redis_idle_s) -> None:
+                 max_connections: int = LimitSettings().redis_max_connections,
+                 idle_s: float = LimitSettings().redis_idle_s) -> None:
         from switchboard.core.redis_pool import redis_client
 
         # A bounded pool that gives idle connections back (core/redis_pool.py).

@@ -15,7 +15,6 @@ builds and runs the real image when an engine can be used.)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -32,7 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
-from switchboard.core.config import DEMO_KEY, demo_config, load_config_text
+from switchboard.core.config import DEMO_KEY, Listen, demo_config, load_config_text
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -240,8 +239,8 @@ def test_default_command_serves_the_demo(image: dict[str, Any]) -> None:
 def test_baked_demo_config_is_the_cli_demo() -> None:
     """deploy/demo.yaml is demo_config() but for the listen addresses (all interfaces)."""
     baked = load_config_text((ROOT / "deploy" / "demo.yaml").read_text(), "demo.yaml", env={})
-    expected = dataclasses.replace(demo_config(), listen_http="0.0.0.0:8080",
-                                   listen_grpc="0.0.0.0:50051", source="demo.yaml")
+    expected = demo_config().model_copy(update={
+        "listen": Listen(http="0.0.0.0:8080", grpc="0.0.0.0:50051"), "source": "demo.yaml"})
     assert baked == expected
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from switchboard.core.providers.anthropic import (
     JSON_TOOL,
+    Options,
     StreamTranslator,
     decode_tool_call_id,
     encode_tool_call_id,
@@ -351,7 +352,7 @@ REQUEST_CASES: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]] 
                          ids=[c[0] for c in REQUEST_CASES])
 def test_params_to_wire(body: dict[str, Any], options: dict[str, Any], wire: dict[str, Any]) -> None:
     got = params_to_wire(params(**body), "claude-up", stream=bool(body.get("stream")),
-                         options=options)
+                         options=Options.model_validate(options))
     assert got == wire
     validate(got)  # and the real API's rules (as the fake enforces them) accept it
 
@@ -370,7 +371,7 @@ def test_requests_the_real_api_rejects_are_not_what_we_send() -> None:
         validate({**_naive(body), "max_tokens": 10})
     with pytest.raises(Invalid, match="Extra inputs"):
         validate({**_naive({"messages": [user("a")]}), "max_tokens": 10, "seed": 3})
-    validate(params_to_wire(params(**body), "claude-up", stream=False, options={}))
+    validate(params_to_wire(params(**body), "claude-up", stream=False, options=Options()))
 
 
 ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
@@ -409,7 +410,7 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
                          ids=[c[0] for c in ERROR_CASES])
 def test_params_to_wire_refuses(body: dict[str, Any], param: str) -> None:
     with pytest.raises(UpstreamError) as err:
-        params_to_wire(params(**body), "claude-up", stream=False, options={})
+        params_to_wire(params(**body), "claude-up", stream=False, options=Options())
     assert (err.value.status, err.value.retryable, err.value.param) == (400, False, param)
 
 

@@ -144,7 +144,16 @@ async def test_default_api_version_and_no_key(fake: FakeAzureOpenAI) -> None:
     assert err.value.status_code in (502, 503)
 
 
-def test_base_url_is_required() -> None:
-    """Every Azure resource has its own endpoint: there is no default to fall back on."""
-    with pytest.raises(ConfigError, match=r"channels\[0\]\.base_url: is required"):
+def test_base_url_is_required_and_options_are_checked_at_load() -> None:
+    """Every Azure resource has its own endpoint: there is no default to fall back on.
+    An unquoted YAML date is the api-version it spells; unknown options are refused."""
+    with pytest.raises(ConfigError, match=r"channels\[0\]\.base_url: expected an http\(s\) URL"):
         make_config("channels:\n  - {name: az, provider: azure, models: [m]}\n")
+    cfg = make_config("channels:\n  - {name: az, provider: azure, base_url: 'http://h', models: [m], "
+                      "options: {api_version: 2025-04-01-preview}}\n  - {name: b, provider: azure, "
+                      "base_url: 'http://h', models: [n], options: {api_version: 2024-06-01}}\n")
+    assert [c.options.api_version for c in cfg.channels] == [  # type: ignore[attr-defined]
+        "2025-04-01-preview", "2024-06-01"]
+    with pytest.raises(ConfigError, match=r"channels\[0\]\.options\.api_versoin"):
+        make_config("channels:\n  - {name: az, provider: azure, base_url: 'http://h', models: [m], "
+                    "options: {api_versoin: x}}\n")

@@ -23,6 +23,7 @@ from switchboard.core.providers.base import UpstreamError
 from switchboard.core.providers.gemini import (
     SKIP_SIGNATURE,
     GeminiClient,
+    Options,
     StreamTranslator,
     decode_tool_call_id,
     encode_tool_call_id,
@@ -252,7 +253,7 @@ async def test_fake_requires_an_api_key(fake: FakeGemini) -> None:
 
 
 def wire(body: dict[str, Any], model: str = "gemini-3-pro", **options: Any) -> dict[str, Any]:
-    return params_to_wire(params(body), model, options)
+    return params_to_wire(params(body), model, Options.model_validate(options))
 
 
 REQUEST_CASES: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]] = [

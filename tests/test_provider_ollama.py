@@ -28,6 +28,7 @@ from switchboard.core.config import ChannelConfig
 from switchboard.core.providers.base import HttpPool, UpstreamError
 from switchboard.core.providers.ollama import (
     OllamaClient,
+    Options,
     StreamTranslator,
     params_to_wire,
     response_from_wire,
@@ -177,6 +178,8 @@ async def test_fake_streams_ndjson_by_default_and_rejects_string_arguments(
 
 def wire(body: dict[str, Any], *, stream: bool = False, **kw: Any) -> dict[str, Any]:
     params, _ = parse_chat({"model": "public-name", **body})
+    if "channel_options" in kw:  # as the config validates a channel's options
+        kw["channel_options"] = Options.model_validate(kw["channel_options"])
     return params_to_wire(params, "llama3", stream=stream, **kw)
 
 

@@ -81,6 +81,7 @@ async def test_reload_swaps_channels_keys_routes_without_dropping_a_stream(tmp_p
     "channels: [{name: x, provider: nope, models: [m]}]\n",     # unknown provider
     "channels: [\n",                                            # broken YAML
     "keys: [{name: k, key: short}]\n",                          # invalid key
+    "channels: [{name: x, provider: echo, models: [m], options: {delay_ms: soon}}]\n",  # bad option
 ])
 async def test_bad_config_is_rejected_and_the_old_one_keeps_serving(tmp_path: Path, bad: str) -> None:
     path = tmp_path / "sb.yaml"

@@ -1,26 +1,25 @@
 """Upstream providers: one module per wire format, each pure translate functions plus a
-small client. This registry is the one place that maps a channel's `provider` name to
-its client class."""
+small client. Each module declares a `SPEC` (core/config.py ProviderSpec): its name in
+`provider:`, its default base URL, its channel `options` model and its client. This
+registry is the one place that lists them: adding a provider is one module and one line
+here. The config validates channels against it when it loads."""
 
 from __future__ import annotations
 
-from switchboard.core.config import ChannelConfig
-from switchboard.core.providers.anthropic import AnthropicClient
-from switchboard.core.providers.azure import AzureOpenAIClient
+from switchboard.core.config import ChannelConfig, ProviderSpec
+from switchboard.core.providers import anthropic, azure, echo, gemini, ollama, openai
 from switchboard.core.providers.base import HttpPool, ProviderClient
-from switchboard.core.providers.echo import EchoClient
-from switchboard.core.providers.gemini import GeminiClient
-from switchboard.core.providers.ollama import OllamaClient
-from switchboard.core.providers.openai import OpenAIClient
 
-PROVIDERS: dict[str, type[ProviderClient]] = {
-    "openai": OpenAIClient,
-    "echo": EchoClient,
-    "anthropic": AnthropicClient,
-    "gemini": GeminiClient,
-    "ollama": OllamaClient,
-    "azure": AzureOpenAIClient,
-}
+SPECS: dict[str, ProviderSpec] = {spec.name: spec for spec in (
+    openai.SPEC,
+    anthropic.SPEC,
+    gemini.SPEC,
+    ollama.SPEC,
+    echo.SPEC,
+    azure.SPEC,
+)}
+# name -> client class
+PROVIDERS: dict[str, type[ProviderClient]] = {name: spec.client for name, spec in SPECS.items()}
 
 
 def make_client(channel: ChannelConfig, http: HttpPool) -> ProviderClient:

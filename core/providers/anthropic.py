@@ -64,10 +64,12 @@ from __future__ import annotations
 import base64
 import re
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
+from pydantic import BeforeValidator, Field
 
+from switchboard.core.config import ProviderOptions, ProviderSpec, Str, problem
 from switchboard.core.providers.base import (
     ProviderClient,
     UpstreamError,
@@ -81,6 +83,26 @@ from switchboard.v1 import inference_pb2 as pb
 
 DEFAULT_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
+
+
+def _max_tokens(v: object) -> int | dict[str, int]:
+    """A whole number >= 1, or a mapping of upstream model name -> one."""
+    def one(x: object, *at: str) -> int:
+        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+            raise problem(f"expected a whole number >= 1, got {x!r}", *at)
+        return x
+    if isinstance(v, dict):
+        return {str(k): one(x, str(k)) for k, x in v.items()}
+    return one(v)
+
+
+class Options(ProviderOptions):
+    """Channel `options` of `provider: anthropic`."""
+
+    version: Str = Field(default=DEFAULT_VERSION, description="the `anthropic-version` header")
+    default_max_tokens: Annotated[int | dict[str, int], BeforeValidator(_max_tokens)] = Field(
+        default=DEFAULT_MAX_TOKENS, description="`max_tokens` when the client sets none (Anthropic requires "
+        "it): a number, or a mapping of upstream model name -> number with an optional `*` fallback")
 JSON_TOOL = "json_response"
 THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 32768}
 MIN_THINKING_BUDGET = 1024
@@ -246,11 +268,11 @@ def tool_to_wire(t: pb.Tool) -> dict[str, Any]:
     return d
 
 
-def default_max_tokens(options: dict[str, Any], model: str) -> int:
-    value = options.get("default_max_tokens", DEFAULT_MAX_TOKENS)
+def default_max_tokens(options: Options, model: str) -> int:
+    value = options.default_max_tokens
     if isinstance(value, dict):
-        value = value.get(model, value.get("*", DEFAULT_MAX_TOKENS))
-    return int(value)
+        return value.get(model, value.get("*", DEFAULT_MAX_TOKENS))
+    return value
 
 
 def json_tool(p: pb.ChatCompletionParams) -> dict[str, Any] | None:
@@ -324,7 +346,7 @@ def _strip_thinking(turns: list[dict[str, Any]]) -> None:
 
 
 def params_to_wire(params: pb.ChatCompletionParams, model: str, *, stream: bool,
-                   options: dict[str, Any]) -> dict[str, Any]:
+                   options: Options) -> dict[str, Any]:
     """Our request -> an Anthropic Messages body for `model` (the upstream name).
 
     Raises a non-retryable UpstreamError (status 400, `param` set) for requests
@@ -671,14 +693,14 @@ class AnthropicClient(ProviderClient):
 
     def _headers(self) -> dict[str, str]:
         h = {"content-type": "application/json",
-             "anthropic-version": str(self.channel.options.get("version", DEFAULT_VERSION))}
+             "anthropic-version": Options.of(self.channel).version}
         if self.channel.api_key:
             h["x-api-key"] = self.channel.api_key
         return h
 
     def request(self, params: pb.ChatCompletionParams, model: str, *,
                 stream: bool) -> UpstreamRequest:
-        body = params_to_wire(params, model, stream=stream, options=self.channel.options)
+        body = params_to_wire(params, model, stream=stream, options=Options.of(self.channel))
         return UpstreamRequest(self._url(), self._headers(), body)
 
     def reply(self, data: Any, params: pb.ChatCompletionParams,
@@ -687,3 +709,7 @@ class AnthropicClient(ProviderClient):
 
     def translator(self, params: pb.ChatCompletionParams, model: str) -> StreamTranslator:
         return StreamTranslator(json_mode=uses_json_tool(params))
+
+
+SPEC = ProviderSpec(name="anthropic", default_base_url="https://api.anthropic.com", options=Options,
+                    client=AnthropicClient)

@@ -30,15 +30,32 @@ Decisions:
 
 from __future__ import annotations
 
-from typing import Any
+import datetime
+from typing import Annotated, Any
 from urllib.parse import quote
 
-from switchboard.core.config import ChannelConfig
+from pydantic import BeforeValidator, Field
+
+from switchboard.core.config import ChannelConfig, ProviderSpec, Str
+from switchboard.core.providers import openai
 from switchboard.core.providers.base import HttpPool
 from switchboard.core.providers.openai import OpenAIClient, StreamTranslator
 from switchboard.v1 import inference_pb2 as pb
 
 DEFAULT_API_VERSION = "2024-10-21"
+
+
+def _version(v: Any) -> Any:
+    # YAML reads an unquoted 2024-10-21 as a date; Azure's versions look just like that.
+    return v.isoformat() if isinstance(v, datetime.date) else v
+
+
+class Options(openai.Options):
+    """Channel `options` of `provider: azure` (`stream_usage` as for `openai`)."""
+
+    api_version: Annotated[Str, BeforeValidator(_version)] = Field(
+        default=DEFAULT_API_VERSION, description="the `api-version` query parameter of every call "
+        "(e.g. `2024-10-21`, `2025-04-01-preview`)")
 
 
 class AzureStreamTranslator(StreamTranslator):
@@ -56,10 +73,9 @@ class AzureStreamTranslator(StreamTranslator):
 class AzureOpenAIClient(OpenAIClient):
     def __init__(self, channel: ChannelConfig, http: HttpPool) -> None:
         super().__init__(channel, http)
-        # The one place Azure's options are read (a channel never changes; reload makes
-        # a new client).
-        version: Any = channel.options.get("api_version", DEFAULT_API_VERSION)
-        self._query = f"?api-version={quote(str(version), safe='')}"
+        # Read once: a channel never changes (a reload makes a new client).
+        version = Options.of(channel).api_version
+        self._query = f"?api-version={quote(version, safe='')}"
         self._base = f"{channel.base_url}/openai/deployments/"
 
     def auth_headers(self, api_key: str) -> dict[str, str]:
@@ -73,3 +89,7 @@ class AzureOpenAIClient(OpenAIClient):
 
     def translator(self, params: pb.ChatCompletionParams, model: str) -> StreamTranslator:
         return AzureStreamTranslator()
+
+
+# No default base URL: every Azure resource has its own endpoint.
+SPEC = ProviderSpec(name="azure", default_base_url="", options=Options, client=AzureOpenAIClient)

@@ -14,12 +14,21 @@ import re
 import time
 from collections.abc import AsyncGenerator
 
+from pydantic import Field
+
+from switchboard.core.config import Num, ProviderOptions, ProviderSpec
 from switchboard.core.providers.base import ProviderClient, message_text
 from switchboard.v1 import inference_pb2 as pb
 
 _PNG_1x1 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGA"
             "hKmMIQAAAABJRU5ErkJggg==")
 _WORDS = re.compile(r"\S+\s*")
+
+
+class Options(ProviderOptions):
+    """Channel `options` of `provider: echo`."""
+
+    delay_ms: Num = Field(default=0.0, description="pause before each streamed word, milliseconds")
 
 
 def reply_text(params: pb.ChatCompletionParams) -> str:
@@ -57,7 +66,7 @@ class EchoClient(ProviderClient):
     async def stream(self, params: pb.ChatCompletionParams,
                      model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         text = reply_text(params)
-        delay = float(self.channel.options.get("delay_ms", 0)) / 1000.0
+        delay = Options.of(self.channel).delay_ms / 1000.0
         cid, created = f"chatcmpl-echo-{time.monotonic_ns()}", int(time.time())
         first = True
         for word in _WORDS.findall(text) or [""]:
@@ -83,3 +92,7 @@ class EchoClient(ProviderClient):
             else:
                 r.data.add(url=f"data:image/png;base64,{_PNG_1x1}", revised_prompt=req.prompt)
         return r
+
+
+SPEC = ProviderSpec(name="echo", default_base_url="", options=Options, client=EchoClient,
+                    upstream=False)

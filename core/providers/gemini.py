@@ -76,12 +76,14 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import aiohttp
 import orjson
+from pydantic import BeforeValidator, Field
 
+from switchboard.core.config import Bool, OptBool, ProviderOptions, ProviderSpec, Str, one_of
 from switchboard.core.providers.base import (
     ProviderClient,
     UpstreamError,
@@ -95,6 +97,25 @@ from switchboard.v1 import inference_pb2 as pb
 
 API_VERSION = "v1beta"
 SKIP_SIGNATURE = "skip_thought_signature_validator"
+
+
+class Options(ProviderOptions):
+    """Channel `options` of `provider: gemini` (the module docstring says why each exists)."""
+
+    schema_field: Annotated[Literal["parametersJsonSchema", "parameters"],
+                            BeforeValidator(one_of("parametersJsonSchema", "parameters"))] = Field(
+        default="parametersJsonSchema", description="`parameters`: send tool and response schemas in the "
+        "older field, reduced to Gemini's OpenAPI subset")
+    thought_signature_fallback: Bool = Field(
+        default=True, description="send the documented bypass signature on tool calls Gemini did not issue")
+    include_thoughts: OptBool = Field(
+        default=None, description="ask for thought summaries; default: guessed from the model name")
+    thinking: Annotated[Literal["level", "budget"] | None,
+                        BeforeValidator(one_of("level", "budget"))] = Field(
+        default=None, description="`thinkingLevel` or `thinkingBudget`; default: budget for `gemini-2*`, "
+        "else level")
+    file_mime_type: Str = Field(default="image/jpeg", description="MIME type of image URLs whose "
+                                "extension says none")
 _TS_MARK = "__ts__"
 _NONCE_HEX = 16
 _BLOB_AT = len("call_") + _NONCE_HEX + len(_TS_MARK)
@@ -185,12 +206,12 @@ def _data_url(url: str) -> tuple[str, str] | None:
     return mime, data
 
 
-def _guess_mime(url: str, options: dict[str, Any]) -> str:
+def _guess_mime(url: str, options: Options) -> str:
     guessed, _ = mimetypes.guess_type(urlsplit(url).path)
-    return guessed or str(options.get("file_mime_type") or "image/jpeg")
+    return guessed or options.file_mime_type or "image/jpeg"
 
 
-def _media_part(url: str, options: dict[str, Any]) -> dict[str, Any]:
+def _media_part(url: str, options: Options) -> dict[str, Any]:
     inline = _data_url(url)
     if inline is not None:
         return {"inlineData": {"mimeType": inline[0], "data": inline[1]}}
@@ -199,7 +220,7 @@ def _media_part(url: str, options: dict[str, Any]) -> dict[str, Any]:
     raise bad_request("image_url must be an http(s), gs:// or data: URL", "messages")
 
 
-def _part_to_wire(p: pb.ContentPart, options: dict[str, Any]) -> dict[str, Any] | None:
+def _part_to_wire(p: pb.ContentPart, options: Options) -> dict[str, Any] | None:
     kind = p.WhichOneof("part")
     if kind == "text":
         return {"text": p.text}
@@ -220,7 +241,7 @@ def _part_to_wire(p: pb.ContentPart, options: dict[str, Any]) -> dict[str, Any] 
     return None
 
 
-def _content_parts(m: pb.Message, options: dict[str, Any]) -> list[dict[str, Any]]:
+def _content_parts(m: pb.Message, options: Options) -> list[dict[str, Any]]:
     kind = m.WhichOneof("content")
     if kind == "text":
         return [{"text": m.text}] if m.text else []
@@ -248,7 +269,7 @@ def _function_call_part(tc: pb.ToolCall) -> dict[str, Any]:
     return part
 
 
-def _model_parts(m: pb.Message, options: dict[str, Any], fallback: bool) -> list[dict[str, Any]]:
+def _model_parts(m: pb.Message, options: Options, fallback: bool) -> list[dict[str, Any]]:
     parts = _content_parts(m, options)
     calls = [_function_call_part(tc) for tc in m.tool_calls]
     # Gemini checks the first functionCall part of each step. Calls we issued carry their
@@ -277,11 +298,11 @@ def _function_response_part(m: pb.Message, calls: dict[str, str], i: int) -> dic
     return {"functionResponse": fr}
 
 
-def contents_to_wire(messages: Iterable[pb.Message], options: dict[str, Any]
+def contents_to_wire(messages: Iterable[pb.Message], options: Options
                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(contents, systemInstruction parts). Consecutive same-role turns are merged, since
     Gemini wants user and model turns to alternate."""
-    fallback = bool(options.get("thought_signature_fallback", True))
+    fallback = options.thought_signature_fallback
     contents: list[dict[str, Any]] = []
     system: list[dict[str, Any]] = []
     calls: dict[str, str] = {}
@@ -333,11 +354,11 @@ def openapi_schema(schema: Any) -> Any:
     return out
 
 
-def _uses_openapi(options: dict[str, Any]) -> bool:
-    return options.get("schema_field") == "parameters"
+def _uses_openapi(options: Options) -> bool:
+    return options.schema_field == "parameters"
 
 
-def tools_to_wire(tools: Any, options: dict[str, Any]) -> list[dict[str, Any]]:
+def tools_to_wire(tools: Any, options: Options) -> list[dict[str, Any]]:
     if not _uses_openapi(options):
         return [{"functionDeclarations": [function_to_wire(t, "parametersJsonSchema")
                                           for t in tools]}]
@@ -360,16 +381,16 @@ def tool_config_to_wire(choice: pb.ToolChoice) -> dict[str, Any] | None:
 
 
 def thinking_to_wire(p: pb.ChatCompletionParams, model: str,
-                     options: dict[str, Any]) -> dict[str, Any] | None:
+                     options: Options) -> dict[str, Any] | None:
     cfg: dict[str, Any] = {}
-    include = options.get("include_thoughts")
+    include = options.include_thoughts
     if include is None:
         include = p.HasField("reasoning_effort") or not _NO_THINKING.search(model)
     if include:
         cfg["includeThoughts"] = True
     if p.HasField("reasoning_effort"):
         effort = p.reasoning_effort.lower()
-        style = options.get("thinking") or ("budget" if model.startswith("gemini-2") else "level")
+        style = options.thinking or ("budget" if model.startswith("gemini-2") else "level")
         if style == "budget":
             if effort not in THINKING_BUDGETS:
                 raise bad_request(f"unknown reasoning_effort {p.reasoning_effort!r}",
@@ -384,7 +405,7 @@ def thinking_to_wire(p: pb.ChatCompletionParams, model: str,
 
 
 def generation_config(p: pb.ChatCompletionParams, model: str,
-                      options: dict[str, Any]) -> dict[str, Any]:
+                      options: Options) -> dict[str, Any]:
     g: dict[str, Any] = {}
     if p.HasField("temperature"):
         g["temperature"] = p.temperature
@@ -425,7 +446,7 @@ def generation_config(p: pb.ChatCompletionParams, model: str,
 
 
 def params_to_wire(params: pb.ChatCompletionParams, model: str,
-                   options: dict[str, Any]) -> dict[str, Any]:
+                   options: Options) -> dict[str, Any]:
     """Our request → a generateContent body (the model goes in the URL, not the body)."""
     contents, system = contents_to_wire(list(params.messages), options)
     if not contents:
@@ -694,7 +715,7 @@ class GeminiClient(ProviderClient):
 
     def request(self, params: pb.ChatCompletionParams, model: str, *,
                 stream: bool) -> UpstreamRequest:
-        body = params_to_wire(params, model, self.channel.options)
+        body = params_to_wire(params, model, Options.of(self.channel))
         url = (self._url(model, "streamGenerateContent") + "?alt=sse" if stream
                else self._url(model, "generateContent"))
         return UpstreamRequest(url, self._headers(), body)
@@ -705,3 +726,7 @@ class GeminiClient(ProviderClient):
 
     def translator(self, params: pb.ChatCompletionParams, model: str) -> StreamTranslator:
         return StreamTranslator(model, params.n if params.HasField("n") else 1)
+
+
+SPEC = ProviderSpec(name="gemini", default_base_url="https://generativelanguage.googleapis.com",
+                    options=Options, client=GeminiClient)

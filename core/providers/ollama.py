@@ -63,10 +63,12 @@ import time
 import urllib.parse
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
+from pydantic import BeforeValidator, Field
 
+from switchboard.core.config import AnyMap, Bool, ProviderOptions, ProviderSpec, problem
 from switchboard.core.providers.base import (
     ProviderClient,
     UpstreamError,
@@ -86,6 +88,28 @@ FINISH_FROM_WIRE = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LE
 THINK_LEVELS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high"}
 # Top-level Ollama request fields a client may pass through `extra` (see the docstring).
 EXTRA_PASSTHROUGH = ("keep_alive", "think", "format")
+
+
+def _keep_alive(v: object) -> str | int | float:
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise problem(f"expected a duration such as 10m, or seconds (-1: forever), got {v!r}")
+    return v
+
+
+class Options(ProviderOptions):
+    """Channel `options` of `provider: ollama`."""
+
+    keep_alive: Annotated[str | int | float | None, BeforeValidator(_keep_alive)] = Field(
+        default=None, json_schema_extra={"yaml_type": "duration string or seconds"},
+        description="how long Ollama keeps the model loaded (`10m`, seconds, -1: forever), "
+                    "unless the request says")
+    options: AnyMap = Field(default_factory=dict, description="Ollama model options (e.g. `num_ctx`) "
+                            "under the request's own")
+    think_levels: Bool = Field(default=False, description="send reasoning_effort as a level (`low` / "
+                               "`medium` / `high`, gpt-oss style) instead of true")
+
+
+_DEFAULTS = Options()
 
 
 # ---------------------------------------------------------------- request ----
@@ -212,11 +236,11 @@ def think_to_wire(effort: str, levels: bool) -> bool | str:
 
 
 def params_to_wire(p: pb.ChatCompletionParams, model: str, *, stream: bool,
-                   channel_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   channel_options: Options | None = None) -> dict[str, Any]:
     """Our request → an Ollama /api/chat body for `model` (the upstream name)."""
     if p.HasField("n") and p.n > 1:
         raise bad_request("Ollama returns one choice per request; n must be 1", "n")
-    copts = channel_options or {}
+    copts = channel_options or _DEFAULTS
     tool_names = {tc.id: tc.function.name for m in p.messages for tc in m.tool_calls if tc.id}
     d: dict[str, Any] = {
         "model": model,
@@ -233,15 +257,15 @@ def params_to_wire(p: pb.ChatCompletionParams, model: str, *, stream: bool,
         schema = p.response_format.json_schema.schema_json
         d["format"] = orjson.loads(schema) if schema else "json"
     if p.HasField("reasoning_effort"):
-        d["think"] = think_to_wire(p.reasoning_effort, bool(copts.get("think_levels")))
+        d["think"] = think_to_wire(p.reasoning_effort, copts.think_levels)
     extra = {k: orjson.loads(v) for k, v in p.extra.items()}
     for key in EXTRA_PASSTHROUGH:
         if key in extra and key not in d:
             d[key] = extra[key]
-    if "keep_alive" not in d and copts.get("keep_alive") is not None:
-        d["keep_alive"] = copts["keep_alive"]
+    if "keep_alive" not in d and copts.keep_alive is not None:
+        d["keep_alive"] = copts.keep_alive
     options: dict[str, Any] = {}
-    for layer in (copts.get("options"), extra.get("options")):
+    for layer in (copts.options, extra.get("options")):
         if isinstance(layer, dict):
             options.update(layer)
     options.update(options_to_wire(p))
@@ -417,7 +441,7 @@ class OllamaClient(ProviderClient):
 
     def request(self, params: pb.ChatCompletionParams, model: str, *,
                 stream: bool) -> UpstreamRequest:
-        body = params_to_wire(params, model, stream=stream, channel_options=self.channel.options)
+        body = params_to_wire(params, model, stream=stream, channel_options=Options.of(self.channel))
         return UpstreamRequest(self._url(), self._headers(), body)
 
     def reply(self, data: Any, params: pb.ChatCompletionParams,
@@ -426,3 +450,7 @@ class OllamaClient(ProviderClient):
 
     def translator(self, params: pb.ChatCompletionParams, model: str) -> StreamTranslator:
         return StreamTranslator(model)
+
+
+SPEC = ProviderSpec(name="ollama", default_base_url="http://127.0.0.1:11434", options=Options,
+                    client=OllamaClient)

@@ -16,8 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from pydantic import Field
 
-from switchboard.core.config import ChannelConfig
+from switchboard.core.config import Bool, ChannelConfig, ProviderOptions, ProviderSpec
 from switchboard.core.providers.base import (
     HttpPool,
     ProviderClient,
@@ -38,6 +39,15 @@ FINISH_FROM_WIRE = {
     "tool_calls": pb.FINISH_REASON_TOOL_CALLS, "content_filter": pb.FINISH_REASON_CONTENT_FILTER,
     "function_call": pb.FINISH_REASON_FUNCTION_CALL,
 }
+
+
+
+class Options(ProviderOptions):
+    """Channel `options` of `provider: openai`."""
+
+    stream_usage: Bool = Field(default=True, description="ask streams for usage (`stream_options."
+                                                 "include_usage`); false for servers that reject it")
+
 
 # ---------------------------------------------------------------- request ----
 
@@ -352,7 +362,7 @@ class OpenAIClient(ProviderClient):
     def request(self, params: pb.ChatCompletionParams, model: str, *,
                 stream: bool) -> UpstreamRequest:
         body = params_to_wire(params, model, stream=stream,
-                              stream_usage=self.channel.options.get("stream_usage", True))
+                              stream_usage=Options.of(self.channel).stream_usage)
         return UpstreamRequest(self.chat_url(model), self._headers(), body)
 
     def reply(self, data: Any, params: pb.ChatCompletionParams,
@@ -366,3 +376,7 @@ class OpenAIClient(ProviderClient):
         data = await self.post_json(self.images_url(model), image_to_wire(req, model),
                                     self._headers())
         return image_from_wire(data)
+
+
+SPEC = ProviderSpec(name="openai", default_base_url="https://api.openai.com/v1", options=Options,
+                    client=OpenAIClient)
