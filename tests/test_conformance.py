@@ -25,7 +25,7 @@ from switchboard.v1 import inference_pb2 as pb
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.gemini_upstream import FakeGemini
 from tests.fakes.ollama_upstream import FakeOllama
-from tests.fakes.openai_upstream import FakeOpenAI
+from tests.fakes.openai_upstream import FakeAzureOpenAI, FakeOpenAI
 from tests.harness import AUTH, TEST_KEY, Stack, channel_yaml, make_config, running_stack
 
 
@@ -38,7 +38,8 @@ class Kind:
 
 
 KINDS = [Kind("openai", FakeOpenAI, True, True), Kind("anthropic", FakeAnthropic, False, True),
-         Kind("gemini", FakeGemini, True, True), Kind("ollama", FakeOllama, False, False)]
+         Kind("gemini", FakeGemini, True, True), Kind("ollama", FakeOllama, False, False),
+         Kind("azure", FakeAzureOpenAI, True, True)]
 MODEL = "the-model"
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather",

@@ -7,7 +7,7 @@ here. The config validates channels against it when it loads."""
 from __future__ import annotations
 
 from switchboard.core.config import ChannelConfig, ProviderSpec
-from switchboard.core.providers import anthropic, echo, gemini, ollama, openai
+from switchboard.core.providers import anthropic, azure, echo, gemini, ollama, openai
 from switchboard.core.providers.base import HttpPool, ProviderClient
 
 SPECS: dict[str, ProviderSpec] = {spec.name: spec for spec in (
@@ -16,6 +16,7 @@ SPECS: dict[str, ProviderSpec] = {spec.name: spec for spec in (
     gemini.SPEC,
     ollama.SPEC,
     echo.SPEC,
+    azure.SPEC,
 )}
 # name -> client class
 PROVIDERS: dict[str, type[ProviderClient]] = {name: spec.client for name, spec in SPECS.items()}

@@ -64,14 +64,21 @@ from __future__ import annotations
 import base64
 import re
 import time
-from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
 import orjson
 from pydantic import BeforeValidator, Field
 
 from switchboard.core.config import ProviderOptions, ProviderSpec, Str, problem
-from switchboard.core.providers.base import ProviderClient, UpstreamError, iter_sse, loads_event, message_text
+from switchboard.core.providers.base import (
+    ProviderClient,
+    UpstreamError,
+    UpstreamRequest,
+    bad_request,
+    function_to_wire,
+    loads_event,
+    message_text,
+)
 from switchboard.v1 import inference_pb2 as pb
 
 DEFAULT_VERSION = "2023-06-01"
@@ -118,11 +125,6 @@ _DATA_URL = re.compile(r"data:([^;,]+)((?:;[^;,]+)*),(.*)", re.S)
 _BAD_ID_CHARS = re.compile(r"[^a-zA-Z0-9_-]")
 THINKING_MARK = "__thk__"
 _THINKING_TYPES = ("thinking", "redacted_thinking")
-
-
-def bad_request(message: str, param: str) -> UpstreamError:
-    """A request Anthropic cannot serve: the client's fault, never retried elsewhere."""
-    return UpstreamError(message, retryable=False, status=400, param=param, kind="unsupported")
 
 
 # ---------------------------------------------------------------- request ----
@@ -257,16 +259,12 @@ def messages_to_wire(messages: Any) -> tuple[list[str], list[dict[str, Any]]]:
 
 
 def tool_to_wire(t: pb.Tool) -> dict[str, Any]:
-    f = t.function
-    d: dict[str, Any] = {"name": f.name}
-    if f.HasField("description"):
-        d["description"] = f.description
-    schema = orjson.loads(f.parameters_json) if f.parameters_json else {}
+    d = function_to_wire(t, "input_schema", default_schema={})  # `strict` is not Anthropic's
+    schema = d["input_schema"]
     if isinstance(schema, dict) and not schema:
-        schema = {"type": "object", "properties": {}}
+        d["input_schema"] = {"type": "object", "properties": {}}
     elif isinstance(schema, dict) and "type" not in schema:
-        schema = {"type": "object", **schema}  # Anthropic insists on an object root
-    d["input_schema"] = schema
+        d["input_schema"] = {"type": "object", **schema}  # Anthropic insists on an object root
     return d
 
 
@@ -540,6 +538,23 @@ class StreamTranslator:
         delta.content = text
         return [c]
 
+    # -- the driver's side (core/providers/base.py)
+
+    def frame(self, event: str, raw: bytes) -> list[pb.StreamChatCompletionResponse]:
+        obj = loads_event(raw)
+        if not isinstance(obj, dict):
+            raise UpstreamError("malformed Anthropic stream event", retryable=True,
+                                kind="malformed")
+        try:
+            return self.feed(event, obj)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UpstreamError(f"malformed Anthropic stream event ({type(exc).__name__})",
+                                retryable=True, kind="malformed") from None
+
+    def end(self) -> list[pb.StreamChatCompletionResponse]:
+        raise UpstreamError("Anthropic stream ended before message_stop", retryable=True,
+                            kind="stream")
+
     # -- events
 
     def feed(self, event_name: str, data: dict[str, Any]) -> list[pb.StreamChatCompletionResponse]:
@@ -683,39 +698,17 @@ class AnthropicClient(ProviderClient):
             h["x-api-key"] = self.channel.api_key
         return h
 
-    async def chat(self, params: pb.ChatCompletionParams,
-                   model: str) -> pb.CreateChatCompletionResponse:
-        body = params_to_wire(params, model, stream=False, options=Options.of(self.channel))
-        data = await self.post_json(self._url(), body, self._headers())
+    def request(self, params: pb.ChatCompletionParams, model: str, *,
+                stream: bool) -> UpstreamRequest:
+        body = params_to_wire(params, model, stream=stream, options=Options.of(self.channel))
+        return UpstreamRequest(self._url(), self._headers(), body)
+
+    def reply(self, data: Any, params: pb.ChatCompletionParams,
+              model: str) -> pb.CreateChatCompletionResponse:
         return response_from_wire(data, json_mode=uses_json_tool(params))
 
-    async def stream(self, params: pb.ChatCompletionParams,
-                     model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
-        body = params_to_wire(params, model, stream=True, options=Options.of(self.channel))
-        resp = await self.post(self._url(), body, self._headers())
-        translator = StreamTranslator(json_mode=uses_json_tool(params))
-        try:
-            async for event, raw in iter_sse(resp):
-                obj = loads_event(raw)
-                if not isinstance(obj, dict):
-                    raise UpstreamError("malformed Anthropic stream event", retryable=True,
-                                        kind="malformed")
-                try:
-                    chunks = translator.feed(event, obj)
-                except UpstreamError as err:
-                    err.message = self.redact(err.message)
-                    raise
-                except (KeyError, TypeError, ValueError) as exc:
-                    raise UpstreamError(f"malformed Anthropic stream event ({type(exc).__name__})",
-                                        retryable=True, kind="malformed") from None
-                for chunk in chunks:
-                    yield chunk
-                if translator.done:
-                    return
-            raise UpstreamError("Anthropic stream ended before message_stop", retryable=True,
-                                kind="stream")
-        finally:
-            resp.close()
+    def translator(self, params: pb.ChatCompletionParams, model: str) -> StreamTranslator:
+        return StreamTranslator(json_mode=uses_json_tool(params))
 
 
 SPEC = ProviderSpec(name="anthropic", default_base_url="https://api.anthropic.com", options=Options,

@@ -1,5 +1,14 @@
 """What every provider client shares: the upstream error type, the pooled aiohttp
-session, and readers for SSE and NDJSON bodies. No provider-specific knowledge here.
+session, readers for SSE and NDJSON bodies, and the one driver of an upstream call. No
+provider-specific knowledge here.
+
+The provider contract: a provider module's client says what to send (`request`: URL,
+headers, JSON body), how its stream is framed (`frames`: SSE or NDJSON), how to read a
+whole reply (`reply`) and gives a `StreamTranslator` per stream (frame -> zero or more
+of our chunks, plus what an end without a terminal frame means). `ProviderClient.chat`
+and `ProviderClient.stream` do the rest, the same way for every provider: post, map
+HTTP and connection errors, read frames, feed the translator, redact the channel's key
+from error messages, detect a stream that ended early, close the connection.
 
 Upstream calls go through aiohttp's client (docs/design.md, "Performance": httpx costs
 10–15× more CPU per request on this path).
@@ -8,8 +17,9 @@ Upstream calls go through aiohttp's client (docs/design.md, "Performance": httpx
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import aiohttp
 import orjson
@@ -50,6 +60,37 @@ class UpstreamError(Exception):
         self.param = param
         # connect | timeout | http | malformed | stream | unsupported | error
         self.kind = kind
+
+
+def bad_request(message: str, param: str | None = None) -> UpstreamError:
+    """A request this provider cannot serve as asked (found while translating it, before
+    any network call): the client's fault, so no other channel is tried."""
+    return UpstreamError(message, retryable=False, status=400, param=param, kind="unsupported")
+
+
+def stream_error(err: Any) -> UpstreamError:
+    """The value of the `"error"` key OpenAI-style and Ollama streams send in place of a
+    chunk (`"…"` or `{"message": …}`), as a retryable stream failure. Callers test
+    `isinstance(obj, dict) and (err := obj.get("error"))` inline: it runs per chunk."""
+    msg = err.get("message") if isinstance(err, dict) else err
+    return UpstreamError(f"upstream stream error: {msg}", retryable=True, kind="stream")
+
+
+def function_to_wire(t: pb.Tool, schema_key: str = "parameters", *,
+                     default_schema: Any = None) -> dict[str, Any]:
+    """A tool's function as most wire formats declare one: `name`, `description` when
+    set, and the parameters JSON Schema (parsed) under `schema_key`; `default_schema`
+    when the tool has none (None: the key is left out). What differs per provider (the
+    wrapper, `strict`, schema rewrites) stays in the provider's own `tool_to_wire`."""
+    f = t.function
+    d: dict[str, Any] = {"name": f.name}
+    if f.HasField("description"):
+        d["description"] = f.description
+    if f.parameters_json:
+        d[schema_key] = orjson.loads(f.parameters_json)
+    elif default_schema is not None:
+        d[schema_key] = default_schema
+    return d
 
 
 def retryable_status(status: int) -> bool:
@@ -98,6 +139,37 @@ _READ_BUFSIZE = 8 * 1024
 _READ_PIECE = 8 * 1024
 
 
+Frames = Literal["sse", "ndjson"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """What a provider sends for one call: where, with which headers, which JSON body."""
+
+    url: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+class StreamTranslator(Protocol):
+    """One upstream stream's frames -> our chunks (one object per stream: it may keep
+    state across frames, e.g. tool-call indexes or held usage)."""
+
+    #: Set once the terminal frame was seen: the driver stops reading and closes.
+    done: bool
+
+    def frame(self, event: str, data: bytes) -> Sequence[pb.StreamChatCompletionResponse]:
+        """One frame (SSE: event name and data; NDJSON: "" and the line) -> zero or more
+        chunks, or UpstreamError (an in-stream error, a malformed frame)."""
+        ...
+
+    def end(self) -> Sequence[pb.StreamChatCompletionResponse]:
+        """The body ended and `done` never turned true: the chunks still owed (e.g. held
+        usage), or UpstreamError(kind="stream") when that means the stream was cut."""
+        ...
+
+
 class HttpPool:
     """One pooled keep-alive aiohttp session per event loop, shared by all channels."""
 
@@ -126,9 +198,14 @@ class HttpPool:
 
 
 class ProviderClient:
-    """Base for a channel's client. Subclasses implement the calls they support."""
+    """Base for a channel's client and owner of the upstream call (see the module doc).
+
+    A provider implements `request`, `reply` and `translator` and sets `frames`; one with
+    no upstream (echo) overrides `chat` and `stream` instead.
+    """
 
     supports_images = False
+    frames: ClassVar[Frames] = "sse"
 
     def __init__(self, channel: ChannelConfig, http: HttpPool) -> None:
         self.channel = channel
@@ -151,15 +228,65 @@ class ProviderClient:
             self._urls[url] = parsed
         return parsed
 
-    async def chat(self, params: pb.ChatCompletionParams,
-                   model: str) -> pb.CreateChatCompletionResponse:
+    # ---- what a provider supplies ------------------------------------------
+
+    def request(self, params: pb.ChatCompletionParams, model: str, *,
+                stream: bool) -> UpstreamRequest:
+        """The chat call for `model` (the upstream name); UpstreamError from
+        `bad_request` for what this provider cannot express."""
         raise NotImplementedError
 
-    def stream(self, params: pb.ChatCompletionParams,
-               model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
-        # A generator, not just an iterator: the router aclose()s a stream it abandons
-        # (failover, hedging, a cancelled caller), which releases the upstream connection.
+    def reply(self, data: Any, params: pb.ChatCompletionParams,
+              model: str) -> pb.CreateChatCompletionResponse:
+        """A whole reply's parsed JSON -> ours (UpstreamError kind "malformed" if it is not one)."""
         raise NotImplementedError
+
+    def translator(self, params: pb.ChatCompletionParams, model: str) -> StreamTranslator:
+        raise NotImplementedError
+
+    # ---- the driver ----------------------------------------------------------
+
+    async def chat(self, params: pb.ChatCompletionParams,
+                   model: str) -> pb.CreateChatCompletionResponse:
+        req = self.request(params, model, stream=False)
+        return self.reply(await self.post_json(req.url, req.body, req.headers), params, model)
+
+    async def stream(self, params: pb.ChatCompletionParams,
+                     model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
+        """Post, read frames, translate, relay. A generator, not just an iterator: the
+        router aclose()s a stream it abandons (failover, hedging, a cancelled caller),
+        and `finally` closes the upstream connection at once.
+
+        This is the per-chunk hot path: the frame reader is a plain object fed inline
+        (not one more async generator), and the translator is called directly.
+        """
+        req = self.request(params, model, stream=True)
+        tr = self.translator(params, model)
+        resp = await self.post(req.url, req.body, req.headers)
+        reader = SseReader() if self.frames == "sse" else NdjsonReader()
+        try:
+            try:
+                async for received in resp.content.iter_chunked(_READ_PIECE):
+                    for event, data in reader.feed(received):
+                        for chunk in tr.frame(event, data):
+                            yield chunk
+                        if tr.done:
+                            return
+            except aiohttp.ClientError as exc:
+                raise stream_broken(exc) from None
+            for event, data in reader.close():
+                for chunk in tr.frame(event, data):
+                    yield chunk
+                if tr.done:
+                    return
+            for chunk in tr.end():  # no terminal frame: owed chunks, or "ended early"
+                yield chunk
+        except UpstreamError as err:
+            # Upstream messages may echo what we sent, key included: never relay it.
+            err.message = self.redact(err.message)
+            raise
+        finally:
+            resp.close()
 
     async def create_image(self, req: pb.CreateImageRequest, model: str) -> pb.CreateImageResponse:
         raise UpstreamError(
@@ -248,65 +375,133 @@ def stream_broken(exc: aiohttp.ClientError) -> UpstreamError:
                          kind="stream")
 
 
-async def iter_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """Lines of a streamed body (without the newline), as they arrive."""
-    try:
-        buf = b""
-        async for data in resp.content.iter_chunked(_READ_PIECE):
-            buf = buf + data if buf else data
-            start = 0
-            while True:  # index, not re-slice: a burst of lines stays linear
-                nl = buf.find(b"\n", start)
-                if nl < 0:
-                    break
-                yield buf[start:nl].rstrip(b"\r")
-                start = nl + 1
-            buf = buf[start:]
-        if buf:
-            yield buf
-    except aiohttp.ClientError as exc:
-        raise stream_broken(exc) from None
+class LineReader:
+    """Lines of a body fed in pieces as they arrive (without the newline; a trailing
+    "\r" dropped): `feed` returns the lines each piece completes, `close` the last line
+    when the body ended without its newline."""
+
+    __slots__ = ("_rest",)
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def _split(self, received: bytes) -> list[bytes]:
+        """The complete lines, as they are (newline excluded, "\r" kept)."""
+        buf = self._rest + received if self._rest else received
+        out: list[bytes] = []
+        start = 0
+        while True:  # index, not re-slice: a burst of lines stays linear
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            out.append(buf[start:nl])
+            start = nl + 1
+        self._rest = buf[start:]
+        return out
+
+    def feed(self, received: bytes) -> list[bytes]:
+        return [line.rstrip(b"\r") for line in self._split(received)]
+
+    def close(self) -> list[bytes]:
+        return [self._rest] if self._rest else []
 
 
-async def iter_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, bytes]]:
-    """Server-sent events as (event name, data) pairs; comments and keep-alives skipped.
+class NdjsonReader(LineReader):
+    """NDJSON frames ("", line) of a body fed in pieces; blank lines are not frames (a
+    line's trailing "\r" is left on: it is JSON whitespace). The split is inline, not
+    `_split` plus a filter: with one line per read, that is per-chunk work."""
 
-    Parses lines straight off the body rather than through `iter_lines`: one async
-    generator hop per event instead of one per line (two lines per event) plus one.
-    """
-    event = ""
-    data: list[bytes] = []
-    rest = b""
+    __slots__ = ()
+
+    def feed(self, received: bytes) -> list[tuple[str, bytes]]:  # type: ignore[override]
+        buf = self._rest + received if self._rest else received
+        out: list[tuple[str, bytes]] = []
+        start = 0
+        while (nl := buf.find(b"\n", start)) >= 0:
+            line = buf[start:nl]
+            start = nl + 1
+            if line and not line.isspace():
+                out.append(("", line))
+        self._rest = buf[start:]
+        return out
+
+    def close(self) -> list[tuple[str, bytes]]:  # type: ignore[override]
+        return [("", line) for line in super().close() if not line.isspace()]
+
+
+class SseReader:
+    """Server-sent events (event name, data) of a body fed in pieces as they arrive;
+    comments, `id:`, `retry:` and keep-alives skipped; multi-line data joined by "\n".
+    `close` returns a last event the body ended without its blank line."""
+
+    __slots__ = ("_data", "_event", "_rest")
+
+    def __init__(self) -> None:
+        self._rest = b""
+        self._event = ""
+        self._data: list[bytes] = []
+
+    def feed(self, received: bytes) -> list[tuple[str, bytes]]:
+        buf = self._rest + received if self._rest else received
+        out: list[tuple[str, bytes]] = []
+        data = self._data
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            line = buf[start:nl]
+            start = nl + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if data:
+                    out.append((self._event, data[0] if len(data) == 1 else b"\n".join(data)))
+                    data.clear()
+                self._event = ""
+            elif line.startswith(b"data:"):
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif line.startswith(b"event:"):
+                self._event = line[6:].strip().decode()
+            # ':' comments, id:, retry: are ignored
+        self._rest = buf[start:]
+        return out
+
+    def close(self) -> list[tuple[str, bytes]]:
+        rest, data = self._rest, self._data
+        if rest.endswith(b"\r"):
+            rest = rest[:-1]
+        if rest.startswith(b"data:"):  # a last line without its newline
+            data.append(rest[6:] if rest[5:6] == b" " else rest[5:])
+        return [(self._event, b"\n".join(data))] if data else []
+
+
+class _Reader(Protocol[T]):
+    def feed(self, received: bytes) -> list[T]: ...
+    def close(self) -> list[T]: ...
+
+
+async def read_frames(resp: aiohttp.ClientResponse, reader: _Reader[T]) -> AsyncIterator[T]:
+    """What `reader` makes of a streamed body, frame by frame, as it arrives. (The
+    stream driver feeds its reader inline instead, to spare a generator per chunk.)"""
     try:
         async for received in resp.content.iter_chunked(_READ_PIECE):
-            buf = rest + received if rest else received
-            start = 0
-            while True:
-                nl = buf.find(b"\n", start)
-                if nl < 0:
-                    break
-                line = buf[start:nl]
-                start = nl + 1
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                if not line:
-                    if data:
-                        yield event, data[0] if len(data) == 1 else b"\n".join(data)
-                    event, data = "", []
-                elif line.startswith(b"data:"):
-                    data.append(line[6:] if line[5:6] == b" " else line[5:])
-                elif line.startswith(b"event:"):
-                    event = line[6:].strip().decode()
-                # ':' comments, id:, retry: are ignored
-            rest = buf[start:]
+            for frame in reader.feed(received):
+                yield frame
     except aiohttp.ClientError as exc:
         raise stream_broken(exc) from None
-    if rest.endswith(b"\r"):
-        rest = rest[:-1]
-    if rest.startswith(b"data:"):  # a last line without its newline
-        data.append(rest[6:] if rest[5:6] == b" " else rest[5:])
-    if data:
-        yield event, b"\n".join(data)
+    for frame in reader.close():
+        yield frame
+
+
+def iter_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """Lines of a streamed body (without the newline), as they arrive."""
+    return read_frames(resp, LineReader())
+
+
+def iter_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, bytes]]:
+    """Server-sent events of a streamed body as (event name, data) pairs, as they arrive."""
+    return read_frames(resp, SseReader())
 
 
 def loads_event(data: bytes) -> Any:

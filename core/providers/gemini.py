@@ -77,7 +77,7 @@ import mimetypes
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote_to_bytes, urlsplit
@@ -89,7 +89,15 @@ from google.rpc import error_details_pb2
 from pydantic import BeforeValidator, Field
 
 from switchboard.core.config import Bool, OptBool, ProviderOptions, ProviderSpec, Str, one_of
-from switchboard.core.providers.base import ProviderClient, UpstreamError, iter_sse, loads_event, message_text
+from switchboard.core.providers.base import (
+    ProviderClient,
+    UpstreamError,
+    UpstreamRequest,
+    bad_request,
+    function_to_wire,
+    loads_event,
+    message_text,
+)
 from switchboard.v1 import inference_pb2 as pb
 
 API_VERSION = "v1beta"
@@ -139,11 +147,6 @@ SCHEMA_KEYS = frozenset({
     "pattern", "example", "anyOf", "propertyOrdering", "default", "items", "minimum", "maximum",
 })
 _EXTRA_TOP = ("safetySettings", "cachedContent", "labels")
-
-
-def _bad_request(message: str, param: str | None = None) -> UpstreamError:
-    # Raised while translating: the client's request cannot be expressed for Gemini.
-    return UpstreamError(message, retryable=False, status=400, param=param, kind="unsupported")
 
 
 # ------------------------------------------------------------- tool call ids ----
@@ -198,7 +201,7 @@ def _data_url(url: str) -> tuple[str, str] | None:
         return None
     header, sep, payload = url[5:].partition(",")
     if not sep:
-        raise _bad_request("malformed data: URL in an image part", "messages")
+        raise bad_request("malformed data: URL in an image part", "messages")
     meta = header.split(";")
     mime = meta[0] or "text/plain"
     if "base64" in meta[1:]:
@@ -219,7 +222,7 @@ def _media_part(url: str, options: Options) -> dict[str, Any]:
         return {"inlineData": {"mimeType": inline[0], "data": inline[1]}}
     if url.startswith(("http://", "https://", "gs://")):
         return {"fileData": {"mimeType": _guess_mime(url, options), "fileUri": url}}
-    raise _bad_request("image_url must be an http(s), gs:// or data: URL", "messages")
+    raise bad_request("image_url must be an http(s), gs:// or data: URL", "messages")
 
 
 def _part_to_wire(p: pb.ContentPart, options: Options) -> dict[str, Any] | None:
@@ -238,7 +241,7 @@ def _part_to_wire(p: pb.ContentPart, options: Options) -> dict[str, Any] | None:
         f = other.get("file") if isinstance(other, dict) else None
         if isinstance(f, dict) and isinstance(f.get("file_data"), str):
             return _media_part(f["file_data"], options)
-        raise _bad_request(f"content part type {other.get('type') if isinstance(other, dict) else '?'!r} "
+        raise bad_request(f"content part type {other.get('type') if isinstance(other, dict) else '?'!r} "
                            "is not supported by Gemini channels", "messages")
     return None
 
@@ -257,10 +260,10 @@ def _function_call_part(tc: pb.ToolCall) -> dict[str, Any]:
     try:
         args = orjson.loads(raw) if raw else {}
     except orjson.JSONDecodeError:
-        raise _bad_request(f"tool call {tc.id!r} has arguments that are not valid JSON",
+        raise bad_request(f"tool call {tc.id!r} has arguments that are not valid JSON",
                            "messages") from None
     if not isinstance(args, dict):
-        raise _bad_request(f"tool call {tc.id!r} arguments must be a JSON object", "messages")
+        raise bad_request(f"tool call {tc.id!r} arguments must be a JSON object", "messages")
     signature, gemini_id = decode_tool_call_id(tc.id)
     call: dict[str, Any] = {"name": tc.function.name, "args": args}
     if gemini_id:
@@ -284,7 +287,7 @@ def _model_parts(m: pb.Message, options: Options, fallback: bool) -> list[dict[s
 def _function_response_part(m: pb.Message, calls: dict[str, str], i: int) -> dict[str, Any]:
     name = calls.get(m.tool_call_id)
     if name is None:
-        raise _bad_request(f"messages[{i}] answers tool call {m.tool_call_id!r}, which no earlier "
+        raise bad_request(f"messages[{i}] answers tool call {m.tool_call_id!r}, which no earlier "
                            "assistant message made (Gemini needs the function name)",
                            f"messages[{i}].tool_call_id")
     text = message_text(m, "")
@@ -361,19 +364,13 @@ def _uses_openapi(options: Options) -> bool:
 
 
 def tools_to_wire(tools: Any, options: Options) -> list[dict[str, Any]]:
-    decls: list[dict[str, Any]] = []
-    for t in tools:
-        f = t.function
-        d: dict[str, Any] = {"name": f.name}
-        if f.HasField("description"):
-            d["description"] = f.description
-        if f.parameters_json:
-            schema = orjson.loads(f.parameters_json)
-            if _uses_openapi(options):
-                d["parameters"] = openapi_schema(schema)
-            else:
-                d["parametersJsonSchema"] = schema
-        decls.append(d)
+    if not _uses_openapi(options):
+        return [{"functionDeclarations": [function_to_wire(t, "parametersJsonSchema")
+                                          for t in tools]}]
+    decls = [function_to_wire(t) for t in tools]
+    for d in decls:
+        if "parameters" in d:
+            d["parameters"] = openapi_schema(d["parameters"])
     return [{"functionDeclarations": decls}]
 
 
@@ -401,12 +398,12 @@ def thinking_to_wire(p: pb.ChatCompletionParams, model: str,
         style = options.thinking or ("budget" if model.startswith("gemini-2") else "level")
         if style == "budget":
             if effort not in THINKING_BUDGETS:
-                raise _bad_request(f"unknown reasoning_effort {p.reasoning_effort!r}",
+                raise bad_request(f"unknown reasoning_effort {p.reasoning_effort!r}",
                                    "reasoning_effort")
             cfg["thinkingBudget"] = THINKING_BUDGETS[effort]
         else:
             if effort not in THINKING_LEVELS:
-                raise _bad_request(f"unknown reasoning_effort {p.reasoning_effort!r}",
+                raise bad_request(f"unknown reasoning_effort {p.reasoning_effort!r}",
                                    "reasoning_effort")
             cfg["thinkingLevel"] = THINKING_LEVELS[effort]
     return cfg or None
@@ -458,7 +455,7 @@ def params_to_wire(params: pb.ChatCompletionParams, model: str,
     """Our request → a generateContent body (the model goes in the URL, not the body)."""
     contents, system = contents_to_wire(list(params.messages), options)
     if not contents:
-        raise _bad_request("Gemini needs at least one user or assistant message", "messages")
+        raise bad_request("Gemini needs at least one user or assistant message", "messages")
     d: dict[str, Any] = {"contents": contents}
     if system:
         d["systemInstruction"] = {"parts": system}
@@ -589,6 +586,9 @@ class StreamTranslator:
     `candidates` expected choices, else by `close()`.
     """
 
+    # Gemini has no terminal frame (usage may follow the finish): read to the end.
+    done = False
+
     def __init__(self, model: str = "", candidates: int = 1) -> None:
         self.id = f"chatcmpl-{secrets.token_hex(12)}"
         self.created = int(time.time())
@@ -632,6 +632,16 @@ class StreamTranslator:
             ch.finish_reason = _finish(reason, st.calls > 0)
             st.finished = True
         return chunk
+
+    def frame(self, event: str, data: bytes) -> list[pb.StreamChatCompletionResponse]:
+        return self.feed(loads_event(data))
+
+    def end(self) -> list[pb.StreamChatCompletionResponse]:
+        """A stream in which no candidate finished was cut; else the usage still owed."""
+        if not self.finished_any:
+            raise UpstreamError("upstream stream ended before it finished", retryable=True,
+                                kind="stream")
+        return self.close()
 
     def feed(self, data: Any) -> list[pb.StreamChatCompletionResponse]:
         """One event → zero or more chunks (UpstreamError for an in-stream error)."""
@@ -775,34 +785,19 @@ class GeminiClient(ProviderClient):
     def _url(self, model: str, method: str) -> str:
         return f"{self.channel.base_url}/{API_VERSION}/models/{model}:{method}"
 
-    async def chat(self, params: pb.ChatCompletionParams,
-                   model: str) -> pb.CreateChatCompletionResponse:
+    def request(self, params: pb.ChatCompletionParams, model: str, *,
+                stream: bool) -> UpstreamRequest:
         body = params_to_wire(params, model, Options.of(self.channel))
-        data = await self.post_json(self._url(model, "generateContent"), body, self._headers())
+        url = (self._url(model, "streamGenerateContent") + "?alt=sse" if stream
+               else self._url(model, "generateContent"))
+        return UpstreamRequest(url, self._headers(), body)
+
+    def reply(self, data: Any, params: pb.ChatCompletionParams,
+              model: str) -> pb.CreateChatCompletionResponse:
         return response_from_wire(data, model)
 
-    async def stream(self, params: pb.ChatCompletionParams,
-                     model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
-        body = params_to_wire(params, model, Options.of(self.channel))
-        resp = await self.post(self._url(model, "streamGenerateContent") + "?alt=sse", body,
-                               self._headers())
-        tr = StreamTranslator(model, params.n if params.HasField("n") else 1)
-        try:
-            async for _event, data in iter_sse(resp):
-                try:
-                    chunks = tr.feed(loads_event(data))
-                except UpstreamError as err:
-                    err.message = self.redact(err.message)
-                    raise
-                for chunk in chunks:
-                    yield chunk
-            if not tr.finished_any:
-                raise UpstreamError("upstream stream ended before it finished", retryable=True,
-                                    kind="stream")
-            for chunk in tr.close():
-                yield chunk
-        finally:
-            resp.close()
+    def translator(self, params: pb.ChatCompletionParams, model: str) -> StreamTranslator:
+        return StreamTranslator(model, params.n if params.HasField("n") else 1)
 
 
 SPEC = ProviderSpec(name="gemini", default_base_url="https://generativelanguage.googleapis.com",

@@ -61,7 +61,7 @@ import base64
 import secrets
 import time
 import urllib.parse
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -69,7 +69,15 @@ import orjson
 from pydantic import BeforeValidator, Field
 
 from switchboard.core.config import AnyMap, Bool, ProviderOptions, ProviderSpec, problem
-from switchboard.core.providers.base import ProviderClient, UpstreamError, iter_lines, loads_event
+from switchboard.core.providers.base import (
+    ProviderClient,
+    UpstreamError,
+    UpstreamRequest,
+    bad_request,
+    function_to_wire,
+    loads_event,
+    stream_error,
+)
 from switchboard.v1 import inference_pb2 as pb
 
 ROLE_TO_WIRE = {
@@ -102,11 +110,6 @@ class Options(ProviderOptions):
 
 
 _DEFAULTS = Options()
-
-
-def bad_request(message: str, param: str) -> UpstreamError:
-    """A request Ollama cannot take: the client's fault, so no other channel is tried."""
-    return UpstreamError(message, retryable=False, status=400, param=param, kind="unsupported")
 
 
 # ---------------------------------------------------------------- request ----
@@ -191,12 +194,8 @@ def message_to_wire(m: pb.Message, i: int, tool_names: Mapping[str, str]) -> dic
 
 
 def tool_to_wire(t: pb.Tool) -> dict[str, Any]:
-    f = t.function
-    fn: dict[str, Any] = {"name": f.name}
-    if f.HasField("description"):
-        fn["description"] = f.description
-    fn["parameters"] = (orjson.loads(f.parameters_json) if f.parameters_json
-                        else {"type": "object", "properties": {}})
+    # Unlike OpenAI: always "function", always a parameters object, no `strict`.
+    fn = function_to_wire(t, default_schema={"type": "object", "properties": {}})
     return {"type": "function", "function": fn}
 
 
@@ -319,23 +318,14 @@ def finish_from_wire(done_reason: Any, had_tool_calls: bool) -> pb.FinishReason.
     return FINISH_FROM_WIRE.get(done_reason or "stop", pb.FINISH_REASON_STOP)
 
 
-def stream_error(obj: Any) -> UpstreamError | None:
-    if isinstance(obj, dict) and obj.get("error"):
-        err = obj["error"]
-        msg = err.get("message") if isinstance(err, dict) else err
-        return UpstreamError(f"upstream stream error: {msg}", retryable=True, kind="stream")
-    return None
-
-
 def new_id() -> str:
     return f"chatcmpl-{secrets.token_hex(12)}"
 
 
 def response_from_wire(d: Any) -> pb.CreateChatCompletionResponse:
     """An Ollama /api/chat reply (stream: false) → our reply (UpstreamError if malformed)."""
-    err = stream_error(d)
-    if err is not None:
-        raise err
+    if isinstance(d, dict) and (err := d.get("error")):
+        raise stream_error(err)
     try:
         msg = d.get("message") or {}
         r = pb.CreateChatCompletionResponse(id=new_id(), created=created_from_wire(d.get("created_at")),
@@ -385,10 +375,16 @@ class StreamTranslator:
             r.choices.add(index=0)
         return r
 
+    def frame(self, event: str, line: bytes) -> list[pb.StreamChatCompletionResponse]:
+        return self.feed(loads_event(line))
+
+    def end(self) -> list[pb.StreamChatCompletionResponse]:
+        raise UpstreamError("upstream stream ended before its final `done` line",
+                            retryable=True, kind="stream")
+
     def feed(self, obj: Any) -> list[pb.StreamChatCompletionResponse]:
-        err = stream_error(obj)
-        if err is not None:
-            raise err
+        if isinstance(obj, dict) and (err := obj.get("error")):
+            raise stream_error(err)
         if self.done:
             return []  # nothing follows the final line
         try:
@@ -432,6 +428,8 @@ class StreamTranslator:
 
 
 class OllamaClient(ProviderClient):
+    frames = "ndjson"
+
     def _url(self) -> str:
         return f"{self.channel.base_url.rstrip('/')}/api/chat"
 
@@ -441,33 +439,17 @@ class OllamaClient(ProviderClient):
             h["authorization"] = f"Bearer {self.channel.api_key}"
         return h
 
-    async def chat(self, params: pb.ChatCompletionParams,
-                   model: str) -> pb.CreateChatCompletionResponse:
-        body = params_to_wire(params, model, stream=False, channel_options=Options.of(self.channel))
-        return response_from_wire(await self.post_json(self._url(), body, self._headers()))
+    def request(self, params: pb.ChatCompletionParams, model: str, *,
+                stream: bool) -> UpstreamRequest:
+        body = params_to_wire(params, model, stream=stream, channel_options=Options.of(self.channel))
+        return UpstreamRequest(self._url(), self._headers(), body)
 
-    async def stream(self, params: pb.ChatCompletionParams,
-                     model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
-        body = params_to_wire(params, model, stream=True, channel_options=Options.of(self.channel))
-        resp = await self.post(self._url(), body, self._headers())
-        tr = StreamTranslator(model)
-        try:
-            async for line in iter_lines(resp):
-                if not line.strip():
-                    continue
-                try:
-                    chunks = tr.feed(loads_event(line))
-                except UpstreamError as err:
-                    err.message = self.redact(err.message)
-                    raise
-                for chunk in chunks:
-                    yield chunk
-                if tr.done:
-                    return
-            raise UpstreamError("upstream stream ended before its final `done` line",
-                                retryable=True, kind="stream")
-        finally:
-            resp.close()
+    def reply(self, data: Any, params: pb.ChatCompletionParams,
+              model: str) -> pb.CreateChatCompletionResponse:
+        return response_from_wire(data)
+
+    def translator(self, params: pb.ChatCompletionParams, model: str) -> StreamTranslator:
+        return StreamTranslator(model)
 
 
 SPEC = ProviderSpec(name="ollama", default_base_url="http://127.0.0.1:11434", options=Options,

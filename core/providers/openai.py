@@ -13,13 +13,19 @@ Decisions:
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
 from typing import Any
 
 from pydantic import Field
 
 from switchboard.core.config import Bool, ChannelConfig, ProviderOptions, ProviderSpec
-from switchboard.core.providers.base import HttpPool, ProviderClient, UpstreamError, iter_sse, loads_event
+from switchboard.core.providers.base import (
+    HttpPool,
+    ProviderClient,
+    UpstreamError,
+    UpstreamRequest,
+    loads_event,
+    stream_error,
+)
 from switchboard.core.schema import openai as schema
 from switchboard.v1 import inference_pb2 as pb
 
@@ -64,6 +70,38 @@ def image_from_wire(d: Any) -> pb.CreateImageResponse:
         raise _malformed("image reply", exc) from None
 
 
+class StreamTranslator:
+    """OpenAI SSE `data:` frames -> our chunks: one chunk per frame until `[DONE]`.
+
+    A body that ends with neither `[DONE]` nor a finish reason was cut (`end` raises)."""
+
+    __slots__ = ("done", "finished")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.finished = False
+
+    def frame(self, event: str, data: bytes) -> tuple[pb.StreamChatCompletionResponse, ...]:
+        if data == b"[DONE]":
+            self.done = True
+            return ()
+        obj = loads_event(data)
+        if isinstance(obj, dict) and (err := obj.get("error")):
+            raise stream_error(err)
+        chunk = chunk_from_wire(obj)
+        if not self.finished:
+            for c in chunk.choices:
+                if c.finish_reason:
+                    self.finished = True
+        return (chunk,)
+
+    def end(self) -> tuple[pb.StreamChatCompletionResponse, ...]:
+        if not self.finished:
+            raise UpstreamError("upstream stream ended before it finished", retryable=True,
+                                kind="stream")
+        return ()
+
+
 # ----------------------------------------------------------------- client ----
 
 
@@ -76,50 +114,37 @@ class OpenAIClient(ProviderClient):
         # clients); aiohttp copies headers into each request, so sharing them is safe.
         self._hdrs = {"content-type": "application/json"}
         if channel.api_key:
-            self._hdrs["authorization"] = f"Bearer {channel.api_key}"
+            self._hdrs.update(self.auth_headers(channel.api_key))
         self._chat_url = f"{channel.base_url}/chat/completions"
+
+    def auth_headers(self, api_key: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {api_key}"}
+
+    def chat_url(self, model: str) -> str:
+        return self._chat_url
+
+    def images_url(self, model: str) -> str:
+        return f"{self.channel.base_url}/images/generations"
 
     def _headers(self) -> dict[str, str]:
         return self._hdrs
 
-    async def chat(self, params: pb.ChatCompletionParams,
-                   model: str) -> pb.CreateChatCompletionResponse:
-        body = params_to_wire(params, model, stream=False)
-        data = await self.post_json(self._chat_url, body,
-                                    self._headers())
+    def request(self, params: pb.ChatCompletionParams, model: str, *,
+                stream: bool) -> UpstreamRequest:
+        body = params_to_wire(params, model, stream=stream,
+                              stream_usage=Options.of(self.channel).stream_usage)
+        return UpstreamRequest(self.chat_url(model), self._headers(), body)
+
+    def reply(self, data: Any, params: pb.ChatCompletionParams,
+              model: str) -> pb.CreateChatCompletionResponse:
         return response_from_wire(data)
 
-    async def stream(self, params: pb.ChatCompletionParams,
-                     model: str) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
-        body = params_to_wire(params, model, stream=True,
-                              stream_usage=Options.of(self.channel).stream_usage)
-        resp = await self.post(self._chat_url, body, self._headers())
-        finished = False
-        try:
-            async for _event, data in iter_sse(resp):
-                if data == b"[DONE]":
-                    return
-                obj = loads_event(data)
-                if isinstance(obj, dict) and obj.get("error"):
-                    err = obj["error"]
-                    msg = err.get("message") if isinstance(err, dict) else str(err)
-                    raise UpstreamError(f"upstream stream error: {self.redact(str(msg))}",
-                                        retryable=True, kind="stream")
-                chunk = chunk_from_wire(obj)
-                if not finished:
-                    for c in chunk.choices:
-                        if c.finish_reason:
-                            finished = True
-                yield chunk
-            if not finished:
-                raise UpstreamError("upstream stream ended before it finished", retryable=True,
-                                    kind="stream")
-        finally:
-            resp.close()
+    def translator(self, params: pb.ChatCompletionParams, model: str) -> StreamTranslator:
+        return StreamTranslator()
 
     async def create_image(self, req: pb.CreateImageRequest, model: str) -> pb.CreateImageResponse:
-        data = await self.post_json(f"{self.channel.base_url}/images/generations",
-                                    image_to_wire(req, model), self._headers())
+        data = await self.post_json(self.images_url(model), image_to_wire(req, model),
+                                    self._headers())
         return image_from_wire(data)
 
 

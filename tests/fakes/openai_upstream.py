@@ -100,9 +100,10 @@ class FakeOpenAI(LoopbackFake):
                 "id": cid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": i, "message": msg, "logprobs": None, "finish_reason": finish}
                             for i in range(n)],
-                "usage": _usage(), "system_fingerprint": "fp_fake"})
+                "usage": _usage(), "system_fingerprint": "fp_fake", **self.reply_extra()})
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
+        await self.stream_preamble(resp)
         include_usage = (body.get("stream_options") or {}).get("include_usage")
 
         async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
@@ -143,6 +144,13 @@ class FakeOpenAI(LoopbackFake):
             raise
         return resp
 
+    def reply_extra(self) -> dict[str, Any]:
+        """Top-level fields a whole reply carries besides OpenAI's (none here)."""
+        return {}
+
+    async def stream_preamble(self, resp: web.StreamResponse) -> None:
+        """Frames a stream opens with before its first chunk (none here)."""
+
     async def _images(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.log(request, body)
@@ -153,3 +161,52 @@ class FakeOpenAI(LoopbackFake):
             data = [{"url": f"https://images.example/{i}.png", "revised_prompt": body["prompt"]}
                     for i in range(n)]
         return web.json_response({"created": int(time.time()), "data": data})
+
+
+_FILTER_RESULTS = {k: {"filtered": False, "severity": "safe"}
+                   for k in ("hate", "self_harm", "sexual", "violence")}
+
+
+class FakeAzureOpenAI(FakeOpenAI):
+    """Azure OpenAI's deployment API on loopback: OpenAI's wire format at
+    `/openai/deployments/{deployment}/…?api-version=…`, authenticated by the `api-key`
+    header (401 without one, 404 without `api-version`, as Azure answers). Whole replies
+    carry `prompt_filter_results`; streams open with Azure's choice-less content-filter
+    chunk. Logs the deployment and api-version of each call in `calls`."""
+
+    base_path = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str]] = []  # (deployment, api-version)
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._azure_chat)
+        app.router.add_post("/openai/deployments/{deployment}/images/generations",
+                            self._azure_images)
+
+    def _addressing(self, request: web.Request) -> web.Response | None:
+        if "api-version" not in request.query:
+            return web.json_response({"error": {"code": "404", "message": "Resource not found"}},
+                                     status=404)
+        if not request.headers.get("api-key"):
+            return web.json_response({"error": {"code": "401", "message": (
+                "Access denied due to invalid subscription key or wrong API endpoint.")}},
+                status=401)
+        self.calls.append((request.match_info["deployment"], request.query["api-version"]))
+        return None
+
+    async def _azure_chat(self, request: web.Request) -> web.StreamResponse:
+        return self._addressing(request) or await self._chat(request)
+
+    async def _azure_images(self, request: web.Request) -> web.Response:
+        return self._addressing(request) or await self._images(request)
+
+    def reply_extra(self) -> dict[str, Any]:
+        return {"prompt_filter_results": [{"prompt_index": 0,
+                                           "content_filter_results": _FILTER_RESULTS}]}
+
+    async def stream_preamble(self, resp: web.StreamResponse) -> None:
+        chunk = {"choices": [], "created": 0, "id": "", "model": "", "object": "",
+                 **self.reply_extra()}
+        await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
