@@ -34,9 +34,9 @@ from switchboard.core.config import Config
 from switchboard.core.contract import CallContext
 from switchboard.core.errors import GatewayError
 from switchboard.core.logs import log_request
-from switchboard.core.redact import REDACTOR
 from switchboard.core.metrics import Metrics
 from switchboard.core.providers.base import UpstreamError
+from switchboard.core.redact import REDACTOR
 from switchboard.core.tracing import Tracing
 from switchboard.core.usage import UsageRecord
 
