@@ -594,27 +594,26 @@ class Router:
 
     async def chat(self, params: pb.ChatCompletionParams, deadline: float | None,
                    outcome: Outcome) -> pb.CreateChatCompletionResponse:
-        async def call(c: Candidate, dl: float | None) -> pb.CreateChatCompletionResponse:
-            async with _bounded(dl, self._after(c.channel.timeouts.total)):
-                return await c.client.chat(params, c.upstream_model)
-
-        tally = _Tally(self.breaker)
-        try:
-            with self._upstream_wait():
-                return await self._attempts(params.model, deadline, outcome, tally, call)
-        finally:
-            await tally.settle()
+        return await self._unary(params.model, deadline, outcome,
+                                 lambda c: c.client.chat(params, c.upstream_model))
 
     async def create_image(self, req: pb.CreateImageRequest, deadline: float | None,
                            outcome: Outcome) -> pb.CreateImageResponse:
-        async def call(c: Candidate, dl: float | None) -> pb.CreateImageResponse:
+        return await self._unary(req.model, deadline, outcome,
+                                 lambda c: c.client.create_image(req, c.upstream_model))
+
+    async def _unary(self, model: str, deadline: float | None, outcome: Outcome,
+                     send: Callable[[Candidate], Awaitable[T]]) -> T:
+        """One unary upstream call with failover: each attempt bounded by the channel's
+        `total` and the caller's deadline; the breaker hears one verdict per channel."""
+        async def call(c: Candidate, dl: float | None) -> T:
             async with _bounded(dl, self._after(c.channel.timeouts.total)):
-                return await c.client.create_image(req, c.upstream_model)
+                return await send(c)
 
         tally = _Tally(self.breaker)
         try:
             with self._upstream_wait():
-                return await self._attempts(req.model, deadline, outcome, tally, call)
+                return await self._attempts(model, deadline, outcome, tally, call)
         finally:
             await tally.settle()
 
