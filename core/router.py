@@ -452,18 +452,13 @@ class Router:
             return await self._hedged(model, cands, hedge, deadline, outcome, tally, call, discard)
         queue: deque[Candidate] = deque(cands)
         later: list[Candidate] = []
-        refused: list[Candidate] = []
+        gate = _Admission(self, model, tally, outcome)
         errors: list[UpstreamError] = []
         attempts = rounds = 0
-        admitted = False
         while attempts < self.settings.max_attempts:
             if not queue:
-                if refused and not admitted:
-                    queue.extend(await self._panic(model, refused))
-                    for c in refused:
-                        tally.tickets.setdefault(c.channel.name, PANIC_TICKET)
-                    refused.clear()
-                    admitted = True
+                if gate.can_panic():
+                    queue.extend(await gate.panic())
                     continue
                 if not later:
                     break
@@ -473,15 +468,8 @@ class Router:
                 await self._backoff(rounds, deadline)
             cand = queue.popleft()
             name = cand.channel.name
-            ticket = await tally.take(name)
-            if ticket == REFUSED:
-                outcome.attempts.append((name, "circuit open"))
-                refused.append(cand)
+            if not await gate.take(cand):
                 continue
-            if not admitted:
-                admitted = True
-                if ticket != PANIC_TICKET:
-                    self._calm(model)
             attempts += 1
             try:
                 result = await call(cand, deadline)
@@ -509,33 +497,21 @@ class Router:
                       discard: Callable[[T], Awaitable[None]] | None) -> T:
         """Like `_attempts`, but a slow first attempt gets a second one racing it."""
         queue: deque[Candidate] = deque(cands)
-        refused: list[Candidate] = []
+        gate = _Admission(self, model, tally, outcome)
         running: dict[asyncio.Task[T], Candidate] = {}
         errors: list[UpstreamError] = []
         attempts = 0
-        admitted = False
 
         async def launch() -> None:
-            nonlocal attempts, admitted
+            nonlocal attempts
             while attempts < self.settings.max_attempts:
                 if not queue:
-                    if not refused or admitted:
+                    if not gate.can_panic():
                         return
-                    queue.extend(await self._panic(model, refused))
-                    for c in refused:
-                        tally.tickets.setdefault(c.channel.name, PANIC_TICKET)
-                    refused.clear()
-                    admitted = True
+                    queue.extend(await gate.panic())
                 cand = queue.popleft()
-                ticket = await tally.take(cand.channel.name)
-                if ticket == REFUSED:
-                    outcome.attempts.append((cand.channel.name, "circuit open"))
-                    refused.append(cand)
+                if not await gate.take(cand):
                     continue
-                if not admitted:
-                    admitted = True
-                    if ticket != PANIC_TICKET:
-                        self._calm(model)
                 attempts += 1
                 running[asyncio.create_task(call(cand, deadline))] = cand
                 return
@@ -696,3 +672,40 @@ class Router:
         tally.verdicts[name] = False
         raise GatewayError(grpc.StatusCode.UNAVAILABLE, f"Upstream `{name}` {why}",
                            code="upstream_error")
+
+
+class _Admission:
+    """Which of one request's candidates the breaker lets through, and panic routing once
+    every candidate was refused (shared by sequential and hedged attempts)."""
+
+    __slots__ = ("admitted", "model", "outcome", "refused", "router", "tally")
+
+    def __init__(self, router: Router, model: str, tally: _Tally, outcome: Outcome) -> None:
+        self.router, self.model, self.tally, self.outcome = router, model, tally, outcome
+        self.refused: list[Candidate] = []
+        self.admitted = False
+
+    async def take(self, cand: Candidate) -> bool:
+        """Whether `cand` may be tried now (False: its circuit is open; kept for panic)."""
+        ticket = await self.tally.take(cand.channel.name)
+        if ticket == REFUSED:
+            self.outcome.attempts.append((cand.channel.name, "circuit open"))
+            self.refused.append(cand)
+            return False
+        if not self.admitted:
+            self.admitted = True
+            if ticket != PANIC_TICKET:
+                self.router._calm(self.model)
+        return True
+
+    def can_panic(self) -> bool:
+        return bool(self.refused) and not self.admitted
+
+    async def panic(self) -> list[Candidate]:
+        """Every candidate was refused: all of them, soonest cool-down end first."""
+        order = await self.router._panic(self.model, self.refused)
+        for c in self.refused:
+            self.tally.tickets.setdefault(c.channel.name, PANIC_TICKET)
+        self.refused.clear()
+        self.admitted = True
+        return order
