@@ -17,12 +17,12 @@ import aiohttp
 import grpc
 import orjson
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 
 from switchboard.core.bounds import MAX_JSON_DEPTH
 from switchboard.v1 import inference_pb2 as pb
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import AUTH, TEST_KEY, Stack, channel_yaml, make_config, running_stack
+from tests.test_grpc_api import error_info
 
 CHAT = "/v1/chat/completions"
 BASE: dict[str, Any] = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
@@ -256,16 +256,6 @@ async def test_http_parser_errors_are_openai_json(stack: Stack) -> None:
 
 
 # ------------------------------------------------------------------- gRPC ----
-
-def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    for key, value in err.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            for detail in status_pb2.Status.FromString(value).details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return info
-    raise AssertionError("no ErrorInfo in the status details")
-
 
 @pytest.mark.parametrize("path", [f"/switchboard.v1.InferenceService/{m}" for m in (
     "CreateChatCompletion", "StreamChatCompletion", "CreateImage", "ListModels")] + [
